@@ -1,0 +1,8 @@
+"""Import a raw dataset into sharded Parquet: python launch/prepare.py configs/default.yaml [key=value ...]"""
+import sys
+
+from llmemb_dist.cli import main
+from llmemb_dist.prepare import prepare
+
+if __name__ == "__main__":
+    sys.exit(main("prepare", prepare))

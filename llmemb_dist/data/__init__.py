@@ -1,0 +1,1 @@
+"""Item catalogs, interactions, prompts and sequences."""

@@ -1,0 +1,113 @@
+"""The catalog and interactions contracts, and how an item's attributes become a prompt.
+
+SCFT, embedding and RAT all read items through this module, so a prompt is
+rendered one way everywhere and `text_hash` means the same thing in every stage.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Sequence
+
+import pandas as pd
+import pyarrow as pa
+
+from llmemb_dist.storage import DataError
+
+ITEM_ID = "item_id"
+TEXT_HASH = "text_hash"
+USER_ID = "user_id"
+TIMESTAMP = "timestamp"
+INTERACTION_COLUMNS = (USER_ID, ITEM_ID, TIMESTAMP)
+
+
+def attribute_columns(schema: pa.Schema | Sequence[str]) -> list[str]:
+    names = schema.names if isinstance(schema, pa.Schema) else list(schema)
+    return [n for n in names if n not in (ITEM_ID, TEXT_HASH)]
+
+
+def item_attributes(row: dict, columns: Sequence[str]) -> list[tuple[str, str]]:
+    """The item's non-empty attributes as (key, value), in column order."""
+    out = []
+    for col in columns:
+        value = row.get(col)
+        if value is not None and str(value).strip():
+            out.append((col.replace("_", " "), str(value).strip()))
+    return out
+
+
+def attribute_text(attrs: Sequence[tuple[str, str]]) -> str:
+    return "; ".join(f"{key} is {value}" for key, value in attrs)
+
+
+def render_prompt(instruction: str, attrs: Sequence[tuple[str, str]]) -> str:
+    """The design's prompt: the instruction, a newline, then `key is value` joined by '; '."""
+    return f"{instruction}\n{attribute_text(attrs)}"
+
+
+def text_hash(attrs: Sequence[tuple[str, str]]) -> str:
+    return hashlib.sha256(attribute_text(attrs).encode()).hexdigest()[:32]
+
+
+def augment(attrs: Sequence[tuple[str, str]], drop_ratio: float, rng: random.Random) -> list[tuple[str, str]]:
+    """One augmented view: shuffle the attributes, then drop int(n * ratio) of them, keeping at least one.
+
+    The reference keeps none for one-attribute items (a bare instruction); we keep one.
+    """
+    view = list(attrs)
+    rng.shuffle(view)
+    keep = max(1, len(view) - int(len(view) * drop_ratio))
+    return view[:keep]
+
+
+def validate_catalog(df: pd.DataFrame, source: str) -> None:
+    """Raises DataError naming `source` (a file) and the offending field or row."""
+    if ITEM_ID not in df.columns:
+        raise DataError(f"{source}: missing required column {ITEM_ID!r} (columns: {list(df.columns)})")
+    if df.empty:
+        raise DataError(f"{source}: the catalog is empty")
+    if not attribute_columns(list(df.columns)):
+        raise DataError(f"{source}: the catalog has no attribute columns besides {ITEM_ID!r}")
+    ids = df[ITEM_ID]
+    blank = ids.isna() | (ids.astype(str).str.strip() == "")
+    if blank.any():
+        raise DataError(f"{source}: row {int(blank.to_numpy().argmax())} has an empty {ITEM_ID!r}")
+    dup = ids.duplicated()
+    if dup.any():
+        row = int(dup.to_numpy().argmax())
+        raise DataError(f"{source}: duplicate {ITEM_ID} {ids.iloc[row]!r} at row {row}")
+
+
+def validate_interactions(df: pd.DataFrame, known_items: set[str], source: str) -> None:
+    missing = [c for c in INTERACTION_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{source}: missing required column {missing[0]!r} (columns: {list(df.columns)})")
+    unknown = ~df[ITEM_ID].isin(known_items)
+    if unknown.any():
+        row = int(unknown.to_numpy().argmax())
+        raise DataError(
+            f"{source}: row {row} names item {df[ITEM_ID].iloc[row]!r}, which is not in the catalog "
+            f"({int(unknown.sum())} such rows)"
+        )
+
+
+def catalog_table(df: pd.DataFrame) -> pa.Table:
+    """The catalog schema: item_id, one nullable string column per attribute, text_hash."""
+    columns = attribute_columns(list(df.columns))
+    records = df[[ITEM_ID, *columns]].to_dict("records")
+    hashes = [text_hash(item_attributes(r, columns)) for r in records]
+    arrays = {ITEM_ID: pa.array(df[ITEM_ID].astype(str).tolist(), pa.string())}
+    for col in columns:
+        arrays[col] = pa.array([None if pd.isna(v) else str(v) for v in df[col].tolist()], pa.string())
+    arrays[TEXT_HASH] = pa.array(hashes, pa.string())
+    return pa.table(arrays)
+
+
+def interactions_table(df: pd.DataFrame) -> pa.Table:
+    return pa.table(
+        {
+            USER_ID: pa.array(df[USER_ID].astype(str).tolist(), pa.string()),
+            ITEM_ID: pa.array(df[ITEM_ID].astype(str).tolist(), pa.string()),
+            TIMESTAMP: pa.array(df[TIMESTAMP].astype("int64").to_numpy(), pa.int64()),
+        }
+    )

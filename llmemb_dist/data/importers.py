@@ -1,0 +1,207 @@
+"""Readers for the raw dataset formats; each returns (items, interactions) as DataFrames.
+
+items: `item_id` plus one string column per attribute. interactions: user_id,
+item_id, timestamp (int64 seconds), in file order. Errors name the file and line.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+
+from llmemb_dist.data.catalog import ITEM_ID, TIMESTAMP, USER_ID
+from llmemb_dist.storage import DataError
+
+RECBOLE_PREFIX = "recbole:"
+
+
+def read_dataset(fmt: str, source: str, metadata: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
+    if fmt == "recbole":
+        return read_recbole(resolve_recbole_source(source))
+    if fmt == "movielens_csv":
+        return read_movielens_csv(Path(source))
+    if fmt == "amazon":
+        if not metadata:
+            raise DataError("dataset.metadata: the amazon format needs the metadata JSON lines file")
+        return read_amazon(Path(source), Path(metadata))
+    raise DataError(f"dataset.format: unknown format {fmt!r}")
+
+
+def resolve_recbole_source(source: str) -> Path:
+    """`recbole:<name>` is an example dataset shipped inside the recbole wheel (found without importing it)."""
+    if not source.startswith(RECBOLE_PREFIX):
+        return Path(source)
+    spec = importlib.util.find_spec("recbole")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"dataset.source {source!r} needs the recbole wheel: pip install --no-deps recbole==1.2.1")
+    return Path(spec.submodule_search_locations[0]) / "dataset_example" / source[len(RECBOLE_PREFIX):]
+
+
+# ---------------------------------------------------------------- RecBole atomic files
+
+
+def read_recbole(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    inter_file = _one_file(folder, ".inter")
+    item_file = _one_file(folder, ".item")
+    items = _read_atomic(item_file)
+    if ITEM_ID not in items.columns:
+        raise DataError(f"{item_file}: missing required column {ITEM_ID!r} (columns: {list(items.columns)})")
+    inter = _read_atomic(inter_file)
+    for col in (USER_ID, ITEM_ID, TIMESTAMP):
+        if col not in inter.columns:
+            raise DataError(f"{inter_file}: missing required column {col!r} (columns: {list(inter.columns)})")
+    inter[TIMESTAMP] = _int_timestamps(inter[TIMESTAMP], inter_file, first_line=2)
+    return items, inter[[USER_ID, ITEM_ID, TIMESTAMP]]
+
+
+def _one_file(folder: Path, suffix: str) -> Path:
+    if not folder.is_dir():
+        raise DataError(f"dataset.source: {folder} is not a folder")
+    found = sorted(folder.glob(f"*{suffix}"))
+    if len(found) != 1:
+        raise DataError(f"{folder}: expected one *{suffix} file, found {[p.name for p in found]}")
+    return found[0]
+
+
+def _read_atomic(path: Path) -> pd.DataFrame:
+    """An atomic file: a tab-separated header of `name:type` fields; every value is read as text."""
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+    names = []
+    for i, field in enumerate(header):
+        name, sep, _type = field.partition(":")
+        if not sep:
+            raise DataError(f"{path}: header field {i} ({field!r}) is not of the form name:type")
+        names.append(name)
+    try:
+        return pd.read_csv(
+            path, sep="\t", header=0, names=names, dtype=str, keep_default_na=False,
+            quoting=csv.QUOTE_NONE, na_values=[], engine="c",
+        )
+    except pd.errors.ParserError as e:
+        raise DataError(f"{path}: {e}") from e
+
+
+def _int_timestamps(values: pd.Series, source: Path, first_line: int) -> pd.Series:
+    numeric = pd.to_numeric(values, errors="coerce")
+    bad = numeric.isna()
+    if bad.any():
+        row = int(bad.to_numpy().argmax())
+        raise DataError(f"{source}: line {row + first_line}: timestamp {values.iloc[row]!r} is not a number")
+    return numeric.astype("int64")
+
+
+# ---------------------------------------------------------------- MovieLens CSV
+
+
+def read_movielens_csv(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    movies_file, ratings_file, tags_file = folder / "movies.csv", folder / "ratings.csv", folder / "tags.csv"
+    for f in (movies_file, ratings_file):
+        if not f.is_file():
+            raise DataError(f"dataset.source: {f} not found (a MovieLens CSV folder has movies.csv and ratings.csv)")
+    movies = _read_csv(movies_file, ["movieId", "title", "genres"])
+    items = pd.DataFrame(
+        {
+            ITEM_ID: movies["movieId"],
+            "title": movies["title"],
+            "genres": movies["genres"].str.replace("|", ", ", regex=False).replace("(no genres listed)", ""),
+        }
+    )
+    if tags_file.is_file():
+        tags = _read_csv(tags_file, ["movieId", "tag"])
+        # Each movie's distinct tags, in order of first use, folded into one attribute.
+        folded = tags.groupby("movieId", sort=False)["tag"].agg(lambda t: ", ".join(dict.fromkeys(t.str.strip())))
+        items["tags"] = items[ITEM_ID].map(folded).fillna("")
+    ratings = _read_csv(ratings_file, ["userId", "movieId", "timestamp"])
+    inter = pd.DataFrame({USER_ID: ratings["userId"], ITEM_ID: ratings["movieId"]})
+    inter[TIMESTAMP] = _int_timestamps(ratings["timestamp"], ratings_file, first_line=2)
+    return items, inter
+
+
+def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.ParserError as e:
+        raise DataError(f"{path}: {e}") from e
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing required column {missing[0]!r} (columns: {list(df.columns)})")
+    return df
+
+
+# ---------------------------------------------------------------- Amazon reviews + metadata (2014 and 2018)
+
+
+def read_amazon(reviews_file: Path, meta_file: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rows = []
+    for line_no, rec in _json_lines(reviews_file):
+        missing = [k for k in ("reviewerID", "asin", "unixReviewTime") if k not in rec]
+        if missing:
+            raise DataError(f"{reviews_file}: line {line_no}: missing field {missing[0]!r}")
+        rows.append((rec["reviewerID"], rec["asin"], rec["unixReviewTime"]))
+    inter = pd.DataFrame(rows, columns=[USER_ID, ITEM_ID, TIMESTAMP]).astype({USER_ID: str, ITEM_ID: str})
+    inter[TIMESTAMP] = _int_timestamps(inter[TIMESTAMP].astype(str), reviews_file, first_line=1)
+
+    items = []
+    for line_no, rec in _json_lines(meta_file):
+        if "asin" not in rec:
+            raise DataError(f"{meta_file}: line {line_no}: missing field 'asin'")
+        items.append(
+            {
+                ITEM_ID: str(rec["asin"]),
+                "title": _text(rec.get("title")),
+                "brand": _text(rec.get("brand")),
+                "categories": _categories(rec),
+                "price": _text(rec.get("price")),
+                "description": _text(rec.get("description")),
+            }
+        )
+    return pd.DataFrame(items, columns=[ITEM_ID, "title", "brand", "categories", "price", "description"]), inter
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """Records of a JSON-lines file, plain or gzipped. The 2014 metadata is Python literals, not JSON."""
+    if not path.is_file():
+        raise DataError(f"dataset: {path} not found")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    try:
+                        rec = ast.literal_eval(line)
+                    except (ValueError, SyntaxError) as e:
+                        raise DataError(f"{path}: line {line_no}: not a JSON or Python-literal record ({e})") from e
+                if not isinstance(rec, dict):
+                    raise DataError(f"{path}: line {line_no}: a record must be an object")
+                yield line_no, rec
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from e
+
+
+def _categories(rec: dict) -> str:
+    cats = rec.get("categories", rec.get("category"))
+    if not cats:
+        return ""
+    flat = []
+    for c in cats:
+        flat.extend(c if isinstance(c, list) else [c])
+    return ", ".join(dict.fromkeys(str(c).strip() for c in flat if str(c).strip()))
+
+
+def _text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return " ".join(str(v).strip() for v in value if str(v).strip())
+    return str(value).strip()

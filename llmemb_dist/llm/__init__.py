@@ -1,0 +1,1 @@
+"""Plain PyTorch / transformers / peft: model loading, LoRA, pooling, losses."""

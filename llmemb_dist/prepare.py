@@ -1,0 +1,56 @@
+"""Stage 0: import a raw dataset into the sharded catalog + interactions of the design."""
+from __future__ import annotations
+
+import logging
+
+from llmemb_dist import storage
+from llmemb_dist.config import Config, config_hash, to_dict
+from llmemb_dist.data.catalog import (
+    ITEM_ID,
+    USER_ID,
+    catalog_table,
+    interactions_table,
+    validate_catalog,
+    validate_interactions,
+)
+from llmemb_dist.data.importers import read_dataset
+from llmemb_dist.data.preprocess import preprocess
+
+log = logging.getLogger(__name__)
+
+
+def dataset_uri(cfg: Config) -> str:
+    return storage.join(cfg.root, "datasets", cfg.dataset.name)
+
+
+def prepare(cfg: Config, overwrite: bool = False) -> str:
+    """Imports, validates and publishes the dataset; returns its URI. A published one is kept as is."""
+    uri = dataset_uri(cfg)
+    if not overwrite and storage.is_published(uri):
+        manifest = storage.read_manifest(uri)
+        if manifest["config_hash"] == config_hash(cfg.dataset):
+            log.info("dataset %s is already published with this config: nothing to do", uri)
+            return uri
+        raise storage.AlreadyPublished(
+            f"{uri} is published from another dataset config; use another dataset.name or overwrite"
+        )
+    items, inter = read_dataset(cfg.dataset.format, cfg.dataset.source, cfg.dataset.metadata)
+    source = cfg.dataset.source
+    validate_catalog(items, f"{source} (items)")
+    validate_interactions(inter, set(items[ITEM_ID]), f"{source} (interactions)")
+    items, inter = preprocess(items, inter, cfg.dataset)
+    catalog, interactions = catalog_table(items), interactions_table(inter)
+    counts = {
+        "users": int(inter[USER_ID].nunique()),
+        "items": catalog.num_rows,
+        "interactions": interactions.num_rows,
+    }
+    with storage.publish(
+        uri, kind="dataset", config=to_dict(cfg.dataset), config_hash=config_hash(cfg.dataset),
+        inputs={"source": source, "format": cfg.dataset.format}, overwrite=overwrite,
+    ) as pub:
+        pub.write_table("catalog", catalog, cfg.dataset.num_shards)
+        pub.write_table("interactions", interactions, cfg.dataset.num_shards)
+        pub.info["counts"] = counts
+    log.info("published dataset %s: %s", uri, counts)
+    return uri

@@ -1,0 +1,395 @@
+"""The one module that knows object storage: URIs, Parquet shards, and the publish protocol.
+
+A URI is a local path or `s3://bucket/prefix`. S3 endpoint, credentials and region
+come from the standard AWS variables, so MinIO and other S3-compatible stores work.
+
+Publish protocol (the commit protocol of Delta Lake / Iceberg, reduced to one object):
+a publication writes all its files under `<uri>/data-<txn>/`, then creates
+`<uri>/_MANIFEST.json` with a conditional write (S3 `IfNoneMatch="*"`, a hard link on
+local disk). The manifest lists the transaction folder; readers trust only it. A job
+that dies before the manifest leaves an unreferenced `data-*` folder, never a
+half-published output, and two jobs racing to publish cannot both win.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+MANIFEST = "_MANIFEST.json"
+MANIFEST_FORMAT = "llmemb-dist/1"
+# Seconds, so an unreachable endpoint fails fast instead of hanging on retries.
+S3_CONNECT_TIMEOUT = 3
+S3_REQUEST_TIMEOUT = 30
+S3_MAX_ATTEMPTS = 2
+
+
+class StorageError(IOError):
+    """Storage cannot be reached or read; the message names the URI."""
+
+
+class NotPublished(StorageError):
+    """A folder has no manifest: it was never published, or its job did not finish."""
+
+
+class AlreadyPublished(StorageError):
+    """Another job already published this folder; it is left intact."""
+
+
+class DataError(ValueError):
+    """Input data that breaks a contract; the message names the file, row or field."""
+
+
+# ---------------------------------------------------------------- URIs
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path inside it for a URI."""
+    if "://" in uri and not is_s3(uri) and not uri.startswith("file://"):
+        raise StorageError(f"unknown URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
+    if is_s3(uri):
+        path = uri[len("s3://"):].rstrip("/")
+        if not path:
+            raise StorageError(f"{uri!r} names no bucket")
+        return s3_filesystem(), path
+    local = uri[len("file://"):] if uri.startswith("file://") else uri
+    return pafs.LocalFileSystem(), str(Path(local).expanduser().resolve())
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    endpoint = s3_endpoint()
+    kwargs: dict[str, Any] = dict(
+        region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        connect_timeout=S3_CONNECT_TIMEOUT,
+        request_timeout=S3_REQUEST_TIMEOUT,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+    )
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kwargs.update(
+            access_key=os.environ["AWS_ACCESS_KEY_ID"],
+            secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+            session_token=os.environ.get("AWS_SESSION_TOKEN"),
+        )
+    return pafs.S3FileSystem(**kwargs)
+
+
+def s3_client():
+    """boto3, for what pyarrow lacks: conditional writes."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint(),
+        region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        config=BotoConfig(
+            connect_timeout=S3_CONNECT_TIMEOUT,
+            read_timeout=S3_REQUEST_TIMEOUT,
+            retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+        ),
+    )
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key
+
+
+@contextmanager
+def _storage_errors(uri: str) -> Iterator[None]:
+    try:
+        yield
+    except (StorageError, DataError, FileNotFoundError):
+        raise
+    except OSError as e:
+        raise StorageError(f"storage error at {uri}: {e}") from e
+
+
+# ---------------------------------------------------------------- files
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    with _storage_errors(uri):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with _storage_errors(uri):
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"no such file: {uri}")
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = resolve(uri)
+    with _storage_errors(uri):
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def delete_tree(uri: str) -> None:
+    fs, path = resolve(uri)
+    with _storage_errors(uri):
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the sub-folders of a folder (empty if it does not exist)."""
+    fs, path = resolve(uri)
+    with _storage_errors(uri):
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def upload_dir(local_dir: str | Path, uri: str) -> list[str]:
+    """Copies a local folder to a URI; returns the relative paths copied."""
+    fs, path = resolve(uri)
+    local_dir = Path(local_dir)
+    rel_paths = sorted(str(p.relative_to(local_dir)) for p in local_dir.rglob("*") if p.is_file())
+    with _storage_errors(uri):
+        for rel in rel_paths:
+            target = f"{path}/{rel}"
+            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            pafs.copy_files(str(local_dir / rel), target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return rel_paths
+
+
+def download_dir(uri: str, local_dir: str | Path) -> Path:
+    """Copies a folder from a URI to a local folder (written beside, then renamed into place)."""
+    fs, path = resolve(uri)
+    local_dir = Path(local_dir)
+    if local_dir.exists():
+        return local_dir
+    tmp = Path(tempfile.mkdtemp(dir=local_dir.parent if local_dir.parent.exists() else None, prefix=".dl-"))
+    with _storage_errors(uri):
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"no such folder: {uri}")
+        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    local_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(local_dir)
+    except OSError:  # another process on this node finished first; its copy is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local_dir
+
+
+# ---------------------------------------------------------------- Parquet
+
+
+def write_shards(table: pa.Table, uri: str, num_shards: int) -> list[str]:
+    """Writes `table` as up to `num_shards` contiguous Parquet shards; returns their file names."""
+    fs, path = resolve(uri)
+    num_shards = max(1, min(num_shards, table.num_rows))
+    bounds = [table.num_rows * i // num_shards for i in range(num_shards + 1)]
+    names = []
+    with _storage_errors(uri):
+        fs.create_dir(path, recursive=True)
+        for i in range(num_shards):
+            name = f"part-{i:05d}.parquet"
+            pq.write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]), f"{path}/{name}", filesystem=fs)
+            names.append(name)
+    return names
+
+
+def read_parquet_files(uris: list[str]) -> pa.Table:
+    tables = []
+    for uri in uris:
+        fs, path = resolve(uri)
+        try:
+            tables.append(pq.read_table(path, filesystem=fs))
+        except pa.ArrowInvalid as e:
+            raise DataError(f"{uri}: not a readable Parquet file ({e})") from e
+        except OSError as e:
+            raise StorageError(f"cannot read {uri}: {e}") from e
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+# ---------------------------------------------------------------- publications
+
+
+def read_manifest(uri: str) -> dict[str, Any]:
+    try:
+        data = read_bytes(join(uri, MANIFEST))
+    except FileNotFoundError:
+        raise NotPublished(f"{uri} is not published (no {MANIFEST}); a reader trusts only published folders") from None
+    try:
+        manifest = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{join(uri, MANIFEST)}: not valid JSON ({e})") from e
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{join(uri, MANIFEST)}: unknown manifest format {manifest.get('format')!r}")
+    return manifest
+
+
+def is_published(uri: str) -> bool:
+    return exists(join(uri, MANIFEST))
+
+
+def data_uri(uri: str, manifest: dict[str, Any] | None = None) -> str:
+    """The folder holding a publication's files."""
+    manifest = manifest or read_manifest(uri)
+    return join(uri, manifest["data_dir"])
+
+
+def table_files(uri: str, name: str, manifest: dict[str, Any] | None = None) -> list[str]:
+    """The Parquet files of one table of a publication, as URIs."""
+    manifest = manifest or read_manifest(uri)
+    if name not in manifest["tables"]:
+        raise DataError(f"{uri}: publication has no table {name!r} (has {sorted(manifest['tables'])})")
+    base = join(data_uri(uri, manifest), name)
+    return [join(base, f) for f in manifest["tables"][name]["files"]]
+
+
+def read_table(uri: str, name: str) -> pa.Table:
+    """A whole table of a published folder, in shard order."""
+    return read_parquet_files(table_files(uri, name))
+
+
+def code_version() -> str:
+    from llmemb_dist import __version__
+
+    return __version__
+
+
+@dataclass
+class Publication:
+    """Files being written for one publication; see `publish`."""
+
+    uri: str
+    data_dir: str
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def data_uri(self) -> str:
+        return join(self.uri, self.data_dir)
+
+    def write_table(self, name: str, table: pa.Table, num_shards: int = 1) -> None:
+        names = write_shards(table, join(self.data_uri, name), num_shards)
+        self.tables[name] = {"files": names, "rows": table.num_rows, "schema": table.schema.to_string()}
+
+    def add_table_files(self, name: str, files: list[str], rows: int, schema: pa.Schema) -> None:
+        """Registers Parquet files written into `<data_uri>/<name>/` by other processes (e.g. Ray Data)."""
+        self.tables[name] = {"files": sorted(files), "rows": rows, "schema": schema.to_string()}
+
+    def write_text(self, rel_path: str, text: str) -> None:
+        write_bytes(join(self.data_uri, rel_path), text.encode())
+        self.files.append(rel_path)
+
+    def upload_dir(self, local_dir: str | Path, rel_path: str) -> None:
+        self.files += [f"{rel_path}/{p}" for p in upload_dir(local_dir, join(self.data_uri, rel_path))]
+
+
+@contextmanager
+def publish(
+    uri: str,
+    kind: str,
+    config: dict[str, Any],
+    config_hash: str,
+    inputs: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Iterator[Publication]:
+    """Writes a publication: files under a fresh transaction folder, then the manifest, last.
+
+    Without `overwrite`, a folder that is already published is refused before any work.
+    If the body raises, nothing is published and an earlier version stays as it was.
+    """
+    if not overwrite and is_published(uri):
+        raise AlreadyPublished(f"{uri} is already published; choose another name or pass overwrite")
+    txn = f"data-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    pub = Publication(uri=uri, data_dir=txn)
+    previous = read_manifest(uri)["data_dir"] if overwrite and is_published(uri) else None
+    pub.write_text("config.yaml", _yaml(config))
+    yield pub
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "kind": kind,
+        "data_dir": txn,
+        "tables": pub.tables,
+        "files": pub.files,
+        "config": config,
+        "config_hash": config_hash,
+        "inputs": inputs or {},
+        "code_version": code_version(),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        **pub.info,
+    }
+    _commit_manifest(uri, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode(), overwrite)
+    if previous and previous != txn:
+        delete_tree(join(uri, previous))
+
+
+def _yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _commit_manifest(uri: str, body: bytes, overwrite: bool) -> None:
+    target = join(uri, MANIFEST)
+    if is_s3(uri):
+        from botocore.exceptions import ClientError, EndpointConnectionError
+
+        bucket, key = _bucket_key(target)
+        extra = {} if overwrite else {"IfNoneMatch": "*"}
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json", **extra)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise AlreadyPublished(f"{uri} was published by another job first; it is left intact") from e
+            raise StorageError(f"cannot write {target}: {e}") from e
+        except EndpointConnectionError as e:
+            raise StorageError(f"cannot write {target}: {e}") from e
+        return
+    _, path = resolve(target)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # atomic exclusive create with the content already in place
+    except FileExistsError:
+        raise AlreadyPublished(f"{uri} was published by another job first; it is left intact") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
