@@ -1,0 +1,176 @@
+"""Dataset import: real datasets, the Amazon formats, preprocessing, bad input, local and S3 roots."""
+import gzip
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from llmemb_dist import storage
+from llmemb_dist.config import load_config
+from llmemb_dist.data.catalog import attribute_columns
+from llmemb_dist.prepare import dataset_uri, prepare
+from llmemb_dist.storage import DataError
+
+from conftest import SHARED_DATA
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _cfg(root, **dataset):
+    return load_config(None, [f"root={root}"] + [f"dataset.{k}={v}" for k, v in dataset.items()])
+
+
+def _counts(uri):
+    return storage.read_manifest(uri)["counts"]
+
+
+@pytest.mark.parametrize(
+    "dataset, expected",
+    [
+        (dict(name="ml-100k", format="recbole", source="recbole:ml-100k"), (943, 1682, 100000)),
+        (dict(name="amazon-toys", format="recbole", source=str(SHARED_DATA / "amazon-toys")), (19124, 11758, 165247)),
+        (dict(name="ml-latest-small", format="movielens_csv", source=str(SHARED_DATA / "ml-latest-small")), (671, 9125, 100004)),
+    ],
+)
+def test_real_datasets_keep_their_published_sizes(tmp_path, dataset, expected):
+    uri = prepare(_cfg(tmp_path, **dataset))
+    c = _counts(uri)
+    assert (c["users"], c["items"], c["interactions"]) == expected
+    inter = storage.read_table(uri, "interactions")
+    catalog = storage.read_table(uri, "catalog")
+    assert inter.num_rows == expected[2] and catalog.num_rows == expected[1]
+    assert str(inter.schema.field("timestamp").type) == "int64"
+    assert catalog.column_names[0] == "item_id" and catalog.column_names[-1] == "text_hash"
+
+
+def test_movielens_tags_fold_into_an_attribute(tmp_path):
+    uri = prepare(_cfg(tmp_path, name="mls", format="movielens_csv", source=str(SHARED_DATA / "ml-latest-small")))
+    catalog = storage.read_table(uri, "catalog").to_pandas().set_index("item_id")
+    assert attribute_columns(list(catalog.reset_index().columns)) == ["title", "genres", "tags"]
+    assert catalog.loc["1", "genres"] == "Adventure, Animation, Children, Comedy, Fantasy"
+    assert catalog["tags"].fillna("").str.len().gt(0).sum() > 100
+
+
+@pytest.mark.parametrize("release, reviews, meta", [
+    ("2014", "amazon2014/reviews_Beauty_5.json", "amazon2014/meta_Beauty.json"),
+    ("2018", "amazon2018/Fashion_5.json", "amazon2018/meta_AMAZON_FASHION.json"),
+])
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_amazon_json_lines(tmp_path, release, reviews, meta, gzipped):
+    src_reviews, src_meta = FIXTURES / reviews, FIXTURES / meta
+    if gzipped:
+        for src in (src_reviews, src_meta):
+            with open(src, "rb") as f, gzip.open(tmp_path / (src.name + ".gz"), "wb") as g:
+                shutil.copyfileobj(f, g)
+        src_reviews, src_meta = tmp_path / (src_reviews.name + ".gz"), tmp_path / (src_meta.name + ".gz")
+    uri = prepare(_cfg(tmp_path / "runs", name=f"amz{release}", format="amazon", source=str(src_reviews), metadata=str(src_meta)))
+    c = _counts(uri)
+    assert (c["users"], c["interactions"]) == (6, 24)
+    catalog = storage.read_table(uri, "catalog").to_pandas().set_index("item_id")
+    if release == "2014":
+        assert c["items"] == 6  # the never-reviewed item stays in the catalog with filtering off
+        assert catalog.loc["B002", "categories"] == "Beauty, Hair Care, Bath"
+        assert catalog.loc["B003", "description"] == "Long lasting 'matte' colour."
+    else:
+        assert catalog.loc["B001", "categories"] == "Clothing, Women, Tops"
+        assert catalog.loc["B001", "description"] == "Soft cotton B001. Machine wash."
+
+
+def test_preprocessing_filters_and_is_deterministic(tmp_path):
+    opts = dict(name="f", k_core=5, min_seq_len=6, max_seq_len=50, max_attr_chars=8, max_items=600)
+    a = prepare(_cfg(tmp_path / "a", **opts))
+    b = prepare(_cfg(tmp_path / "b", **opts))
+    inter = storage.read_table(a, "interactions")
+    assert inter.equals(storage.read_table(b, "interactions"))
+    assert storage.read_table(a, "catalog").equals(storage.read_table(b, "catalog"))
+    df = inter.to_pandas()
+    per_user = df.groupby("user_id").size()
+    assert per_user.min() >= 5 and per_user.max() <= 50
+    assert df["item_id"].nunique() <= 600
+    catalog = storage.read_table(a, "catalog").to_pandas()
+    assert catalog["movie_title"].str.len().max() <= 8
+    assert set(catalog["item_id"]) == set(df["item_id"])
+    ordered = df.groupby("user_id")["timestamp"].apply(lambda t: t.is_monotonic_increasing)
+    assert ordered.all()
+
+
+def test_k_core_iterates_to_a_fixed_point():
+    from llmemb_dist.data.preprocess import k_core
+
+    # u3's only event is on i3; dropping u3 leaves i3 with one user, which must then go too.
+    df = pd.DataFrame({"user_id": ["u1", "u1", "u2", "u2", "u3", "u1", "u2"],
+                       "item_id": ["i1", "i2", "i1", "i2", "i3", "i3", "i4"], "timestamp": range(7)})
+    out = k_core(df, 2)
+    assert sorted(set(out["item_id"])) == ["i1", "i2"] and sorted(set(out["user_id"])) == ["u1", "u2"]
+
+
+def test_s3_import_equals_local(tmp_path, s3_root):
+    local = prepare(_cfg(tmp_path, name="ml-100k"))
+    remote = prepare(_cfg(s3_root, name="ml-100k"))
+    assert remote.startswith("s3://")
+    for table in ("catalog", "interactions"):
+        assert storage.read_table(remote, table).equals(storage.read_table(local, table))
+
+
+def test_rerun_is_a_no_op_and_another_config_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, name="ml-100k")
+    uri = prepare(cfg)
+    before = storage.read_manifest(uri)
+    assert prepare(cfg) == uri and storage.read_manifest(uri) == before
+    with pytest.raises(storage.AlreadyPublished, match="another dataset config"):
+        prepare(_cfg(tmp_path, name="ml-100k", k_core=3))
+
+
+# ---------------------------------------------------------------- bad input: a clear error, nothing published
+
+
+def _atomic(folder: Path, items: str, inter: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "x.item").write_text(items)
+    (folder / "x.inter").write_text(inter)
+    return folder
+
+
+GOOD_ITEMS = "item_id:token\ttitle:token_seq\n1\tA\n2\tB\n"
+GOOD_INTER = "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t10\nu\t2\t11\n"
+
+
+@pytest.mark.parametrize(
+    "items, inter, message",
+    [
+        ("id:token\ttitle:token_seq\n1\tA\n", GOOD_INTER, r"x.item.*missing required column 'item_id'"),
+        ("item_id:token\ttitle:token_seq\n1\tA\n1\tB\n", GOOD_INTER, r"duplicate item_id '1' at row 1"),
+        ("item_id:token\ttitle:token_seq\n", GOOD_INTER, r"catalog is empty"),
+        ("item_id:token\n1\n2\n", GOOD_INTER, r"no attribute columns"),
+        (GOOD_ITEMS, "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t10\nu\t9\t11\n", r"row 1 names item '9'"),
+        (GOOD_ITEMS, "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t10\nu\t2\tyesterday\n", r"x.inter: line 3: timestamp 'yesterday'"),
+        (GOOD_ITEMS, "user_id:token\titem_id:token\nu\t1\n", r"x.inter: missing required column 'timestamp'"),
+    ],
+)
+def test_bad_input_names_the_problem_and_publishes_nothing(tmp_path, items, inter, message):
+    cfg = _cfg(tmp_path / "runs", name="bad", source=str(_atomic(tmp_path / "src", items, inter)))
+    with pytest.raises(DataError, match=message):
+        prepare(cfg)
+    assert not storage.is_published(dataset_uri(cfg))
+
+
+def test_k_core_that_leaves_nothing(tmp_path):
+    cfg = _cfg(tmp_path / "runs", name="bad", source=str(_atomic(tmp_path / "src", GOOD_ITEMS, GOOD_INTER)), k_core=3)
+    with pytest.raises(DataError, match="leaves no interactions"):
+        prepare(cfg)
+    assert not storage.is_published(dataset_uri(cfg))
+
+
+def test_launch_script_reports_errors_cleanly(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(repo / "launch" / "prepare.py"), str(repo / "configs" / "default.yaml"),
+                          f"root={tmp_path}", "dataset.k_cor=3"], capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown config key 'dataset.k_cor'" in out.stderr
+    out = subprocess.run([sys.executable, str(repo / "launch" / "prepare.py"), str(repo / "configs" / "default.yaml"),
+                          f"root={tmp_path}", "dataset.max_items=50"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert storage.read_manifest(str(tmp_path / "datasets" / "ml-100k"))["counts"]["items"] == 50

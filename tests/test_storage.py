@@ -1,0 +1,129 @@
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pytest
+
+from llmemb_dist import storage
+from llmemb_dist.storage import AlreadyPublished, DataError, NotPublished, StorageError
+
+from conftest import free_port
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    return str(tmp_path / "runs") if request.param == "local" else request.getfixturevalue("s3_root")
+
+
+def _table(n=10):
+    return pa.table({"item_id": [str(i) for i in range(n)], "title": [f"t{i}" for i in range(n)]})
+
+
+def _publish(uri, table, overwrite=False, fail=False):
+    with storage.publish(uri, kind="test", config={"a": 1}, config_hash="h", overwrite=overwrite) as pub:
+        pub.write_table("items", table, num_shards=3)
+        if fail:
+            raise RuntimeError("crash before the manifest")
+
+
+def test_publish_and_read_back(root):
+    uri = storage.join(root, "things", "v1")
+    _publish(uri, _table())
+    manifest = storage.read_manifest(uri)
+    assert manifest["tables"]["items"]["rows"] == 10 and len(manifest["tables"]["items"]["files"]) == 3
+    assert storage.read_table(uri, "items").equals(_table())
+    assert b"a: 1" in storage.read_bytes(storage.join(storage.data_uri(uri), "config.yaml"))
+
+
+def test_reader_refuses_folder_without_manifest(root):
+    uri = storage.join(root, "crashed")
+    with pytest.raises(RuntimeError):
+        _publish(uri, _table(), fail=True)
+    with pytest.raises(NotPublished, match="not published"):
+        storage.read_table(uri, "items")
+
+
+def test_failed_overwrite_leaves_earlier_version(root):
+    uri = storage.join(root, "v")
+    _publish(uri, _table(4))
+    with pytest.raises(RuntimeError):
+        _publish(uri, _table(8), overwrite=True, fail=True)
+    assert storage.read_table(uri, "items").num_rows == 4
+    _publish(uri, _table(8), overwrite=True)
+    assert storage.read_table(uri, "items").num_rows == 8
+    assert len([d for d in storage.list_dirs(uri) if d.startswith("data-")]) >= 1
+
+
+def test_second_publisher_is_refused_and_first_stays(root):
+    uri = storage.join(root, "race")
+    # Two jobs that both saw "not published" and both reach the commit: only one may win.
+    first = storage.publish(uri, kind="test", config={}, config_hash="1")
+    second = storage.publish(uri, kind="test", config={}, config_hash="2")
+    pub1, pub2 = first.__enter__(), second.__enter__()
+    pub1.write_table("items", _table(3))
+    pub2.write_table("items", _table(5))
+    first.__exit__(None, None, None)
+    with pytest.raises(AlreadyPublished):
+        second.__exit__(None, None, None)
+    assert storage.read_manifest(uri)["config_hash"] == "1"
+    assert storage.read_table(uri, "items").num_rows == 3
+    with pytest.raises(AlreadyPublished):
+        _publish(uri, _table())
+
+
+def test_corrupt_and_truncated_parquet_name_the_file(tmp_path):
+    uri = str(tmp_path / "p")
+    _publish(uri, _table(50))
+    files = storage.table_files(uri, "items")
+    path = storage.resolve(files[0])[1]
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(DataError, match="part-00000.parquet"):
+        storage.read_table(uri, "items")
+    open(path, "wb").write(b"not parquet at all")
+    with pytest.raises(DataError, match="part-00000.parquet"):
+        storage.read_table(uri, "items")
+
+
+def test_unknown_scheme():
+    with pytest.raises(StorageError, match="unknown URI scheme"):
+        storage.resolve("gs://bucket/x")
+
+
+def test_unreachable_endpoint_fails_fast(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    start = time.monotonic()
+    with pytest.raises(StorageError, match="s3://bucket/x"):
+        storage.is_published("s3://bucket/x")
+    assert time.monotonic() - start < 30
+
+
+@pytest.fixture
+def authenticating_s3(monkeypatch):
+    """A second moto server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0)."""
+    port = free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(150):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
+    yield
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_wrong_credentials_are_a_clear_error(authenticating_s3, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(StorageError, match="s3://bucket/runs"):
+        _publish("s3://bucket/runs", _table())
