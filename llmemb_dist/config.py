@@ -101,6 +101,7 @@ class EmbedConfig:
     pca_dim: int = 0  # 0 = keep the model's dimension
     incremental_from: str = ""  # a previous version to reuse unchanged items from
     fail_actor_once: bool = False  # fault injection: one actor dies once mid-run
+    rows_per_file: int = 100_000  # rows per output Parquet file
 
 
 @dataclass
@@ -110,12 +111,14 @@ class EvalConfig:
     head_fraction: float = 0.2  # the most popular items (by training interactions) that count as head
     short_user_max_len: int = 10  # users with at most this many training events are "short"
     seed: int = 42
+    select_protocol: Literal["sampled", "full"] = "sampled"  # which validation NDCG@10 early stopping watches
 
 
 @dataclass
 class RatConfig:
     run: str = "default"
     embeddings: str = "default"  # an embeddings version under <root>/embeddings, or a URI
+    embedding_dim: int = 0  # expected LLM embedding dimension; 0 = take it from the embeddings
     backbone: Literal["sasrec", "bert4rec", "gru4rec"] = "sasrec"
     item_repr: Literal["id", "llm"] = "llm"
     hidden: int = 128

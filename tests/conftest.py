@@ -72,14 +72,32 @@ def s3_root(s3_server) -> str:
     return f"s3://{bucket}/runs"
 
 
-@pytest.fixture(scope="session")
-def ray_local(s3_server):
-    """One local Ray cluster for the session. It starts after the S3 variables are set, so workers inherit them."""
+_ray_started: dict[str, object] = {"kind": None}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_ray_at_end():
+    yield
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(s3_server):
+    """A local Ray cluster shared by the tests (started once; again after a multi-node test replaced it).
+
+    It starts after the S3 variables are set, so its workers inherit them. Never shut it down in a test.
+    """
+    import ray
+
+    if _ray_started["kind"] != "local" or not ray.is_initialized():
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        _ray_started["kind"] = "local"
+    return ray
 
 
 @pytest.fixture(scope="session")
@@ -106,3 +124,63 @@ def tiny_llama_dir(tmp_path_factory, minilm_dir) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+# ---------------------------------------------------------------- multi-node Ray (tests/test_multinode.py)
+
+NODE_CACHE_ENV = "LLMEMB_CACHE_DIR"  # llm/loading.py: a node's own model cache, over model.cache_dir
+
+
+class MultiNode:
+    """A Ray cluster of one driver-only head and worker nodes, all on this machine.
+
+    Each worker node has `cpus` logical CPUs and its own cache folder (the variable every
+    process it starts inherits), so nothing a node downloads is visible to another: as on
+    separate machines, the moto S3 server is the only state they share.
+    """
+
+    def __init__(self, cluster, cache_root: Path, cpus: int):
+        self.cluster, self.cache_root, self.cpus = cluster, cache_root, cpus
+        self.caches: dict[str, Path] = {}  # node id -> its cache folder
+
+    def add_node(self):
+        cache = self.cache_root / f"node-{len(self.caches)}"
+        node = self.cluster.add_node(num_cpus=self.cpus, env_vars={NODE_CACHE_ENV: str(cache)})
+        self.cluster.wait_for_nodes()
+        self.caches[node.node_id] = cache
+        return node
+
+    def remove_node(self, node) -> None:
+        self.cluster.remove_node(node)
+        self.cluster.wait_for_nodes()
+
+    @property
+    def workers(self) -> list:
+        return list(self.cluster.worker_nodes)
+
+
+@pytest.fixture
+def ray_multinode(s3_server, tmp_path):
+    """A head with no CPUs (it hosts only the driver's helpers, as a KubeRay head with num-cpus 0)
+    and two worker nodes of 3 CPUs: a 2-CPU Ray Train worker or embedding actor fits once per node.
+
+    It replaces the session's local Ray, and is shut down after the test, so the next test that
+    asks for `ray_local` starts a fresh one.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _ray_started["kind"] = "multinode"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = MultiNode(cluster, tmp_path / "node-caches", cpus=3)
+    try:
+        for _ in range(2):
+            nodes.add_node()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        _ray_started["kind"] = None

@@ -31,7 +31,7 @@ def item_attributes(row: dict, columns: Sequence[str]) -> list[tuple[str, str]]:
     out = []
     for col in columns:
         value = row.get(col)
-        if value is not None and str(value).strip():
+        if not pd.isna(value) and str(value).strip():  # pandas 3 stores a missing string as NaN, not None
             out.append((col.replace("_", " "), str(value).strip()))
     return out
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # LoRA targets when target_modules is ["auto"]: Llama-style projections, BERT-style layers.
 AUTO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "query", "key", "value", "dense")
 GGUF_MAGIC = b"GGUF"
+# A node may name its own cache folder (a local disk, set in its pod spec); it wins over model.cache_dir.
+CACHE_DIR_ENV = "LLMEMB_CACHE_DIR"
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,7 @@ def resolve_model(cfg: ModelConfig) -> ModelSource:
     if path in SHIPPED:
         folder, gguf_file = shipped_model_path(path), gguf_file or SHIPPED[path][2]
     elif "://" in path:
-        cache = Path(cfg.cache_dir).expanduser() / hashlib.sha256(path.encode()).hexdigest()[:16]
-        folder = storage.download_dir(path, cache)
+        folder = storage.download_dir(path, node_cache_dir(cfg) / hashlib.sha256(path.encode()).hexdigest()[:16])
     else:
         folder = Path(path).expanduser()
         if folder.is_file():
@@ -67,6 +69,11 @@ def resolve_model(cfg: ModelConfig) -> ModelSource:
     elif not (folder / "config.json").is_file():
         raise ConfigError(f"model.path: {folder} has no config.json (not a Hugging Face model folder)")
     return ModelSource(folder, gguf_file)
+
+
+def node_cache_dir(cfg: ModelConfig) -> Path:
+    """Where this node keeps what it fetches from storage (base models, adapters)."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or cfg.cache_dir).expanduser()
 
 
 def _check_gguf(file: Path) -> None:

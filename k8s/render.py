@@ -1,0 +1,298 @@
+"""Render the KubeRay manifests from one values file.
+
+    python k8s/render.py scft | kubectl create -f -
+    python k8s/render.py embed | kubectl apply -f -
+    python k8s/render.py [--values k8s/values.yaml] {scft|rat|embed|embed-raycronjob|all}
+
+The four Ray clusters (SCFT, RAT, the scheduled embedding and its RayCronJob twin)
+share one pod shape, so they are built here from one function instead of four
+copies of the same YAML that would drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+GPU = "nvidia.com/gpu"
+RAY_UID, RAY_GID = 1000, 100  # user `ray` and group `users` of the rayproject/ray images
+# Placeholders of the embedding RayJob template that the CronJob pod fills at run time.
+VERSION_SLOT, PREVIOUS_SLOT = "@EMBED_VERSION@", "@INCREMENTAL_FROM@"
+STAGE_LABEL, VERSION_LABEL = "llmemb-stage", "llmemb-embed-version"
+LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+# The CronJob pod: skip while an embedding RayJob is still running (concurrencyPolicy
+# only covers the CronJob's own short Job, not the RayJob it created), then re-embed
+# incrementally from the newest version that succeeded.
+SUBMIT_SCRIPT = f"""\
+set -eu
+active=$(kubectl get rayjobs -l {STAGE_LABEL}=embed \\
+  -o jsonpath='{{range .items[*]}}{{.metadata.name}}={{.status.jobDeploymentStatus}}{{"\\n"}}{{end}}' \\
+  | grep -v -e '=Complete$' -e '=Failed$' -e '=ValidationFailed$' | grep -c . || true)
+if [ "$active" -gt 0 ]; then
+  echo "an embedding RayJob is still running; skipping this run"
+  exit 0
+fi
+previous=$(kubectl get rayjobs -l {STAGE_LABEL}=embed --sort-by=.metadata.creationTimestamp \\
+  -o jsonpath='{{range .items[?(@.status.jobStatus=="SUCCEEDED")]}}{{.metadata.labels.{VERSION_LABEL}}}{{"\\n"}}{{end}}' \\
+  | tail -n 1)
+previous=${{previous:-$BASELINE_VERSION}}
+version=$(date -u +%Y%m%d-%H%M)
+echo "embedding version $version incrementally from $previous"
+sed -e "s/{VERSION_SLOT}/$version/g" -e "s/{PREVIOUS_SLOT}/$previous/g" /template/rayjob.yaml \\
+  | kubectl create -f -
+"""
+
+
+def load_values(path: Path = HERE / "values.yaml") -> dict[str, Any]:
+    values = yaml.safe_load(Path(path).read_text())
+    if not LABEL_VALUE.match(values["embed"]["baseline_version"]):
+        raise ValueError(f"{path}: embed.baseline_version must be a valid label value (letters, digits, - _ .)")
+    return values
+
+
+def entrypoint(v: dict[str, Any], stage: str, *overrides: str) -> str:
+    root = f"s3://{v['bucket']}/{v['prefix']}"
+    return " ".join([f"python launch/{stage}.py", v["config"], f"root={root}", *overrides])
+
+
+def _env(v: dict[str, Any]) -> list[dict[str, Any]]:
+    def secret(name: str, optional: bool = False) -> dict[str, Any]:
+        ref = {"name": v["s3_secret"], "key": name} | ({"optional": True} if optional else {})
+        return {"name": name, "valueFrom": {"secretKeyRef": ref}}
+
+    return [
+        secret("AWS_ACCESS_KEY_ID"),
+        secret("AWS_SECRET_ACCESS_KEY"),
+        secret("AWS_ENDPOINT_URL_S3", optional=True),  # set it in the Secret for MinIO and other S3-compatible stores
+        {"name": "AWS_REGION", "value": v["aws_region"]},
+    ]
+
+
+def _non_root(uid: int, gid: int) -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": gid, "fsGroup": gid,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _pod(v: dict[str, Any], container: str, cpu: Any, memory: str, gpus: int) -> dict[str, Any]:
+    amounts = {"cpu": str(cpu), "memory": memory} | ({GPU: str(gpus)} if gpus else {})
+    spec: dict[str, Any] = {
+        "securityContext": _non_root(RAY_UID, RAY_GID),
+        "containers": [{
+            "name": container,
+            "image": v["image"],
+            "env": _env(v),
+            # Requests equal limits: GPUs cannot be overcommitted, and a training pod evicted for memory loses the run.
+            "resources": {"requests": amounts, "limits": dict(amounts)},
+            "securityContext": CONTAINER_SECURITY,
+            # The container runtime's default /dev/shm is 64 MiB; NCCL and Ray's object store need far more.
+            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        }],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": v["shm_size"]}}],
+    }
+    if gpus:
+        spec["tolerations"] = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
+    return {"spec": spec}
+
+
+def cluster_spec(v: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "rayVersion": v["ray_version"],
+        # Ray 2.60 requires a token by default; KubeRay then creates it and hands it to the submitter.
+        "authOptions": {"mode": "token"},
+        "headGroupSpec": {
+            # No tasks on the head: the worker pods do the work, the head only runs the driver.
+            "rayStartParams": {"num-cpus": "0"},
+            "template": _pod(v, "ray-head", v["head"]["cpu"], v["head"]["memory"], 0),
+        },
+        "workerGroupSpecs": [{
+            "groupName": "workers",
+            "replicas": stage["workers"],
+            "minReplicas": stage["workers"],
+            "maxReplicas": stage["workers"],
+            "rayStartParams": {},
+            "template": _pod(v, "ray-worker", stage["cpu"], stage["memory"], stage["gpus_per_worker"]),
+        }],
+    }
+
+
+def rayjob_spec(v: dict[str, Any], stage: dict[str, Any], command: str, deadline_hours: int,
+                retries: int) -> dict[str, Any]:
+    return {
+        "entrypoint": command,
+        # The image holds the repo; its path as working_dir makes `launch/...` resolve on the head and workers.
+        "runtimeEnvYAML": "working_dir: /home/ray/llmemb-dist\n",
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": 600,  # keep the finished cluster 10 minutes for logs, then free the GPUs
+        "activeDeadlineSeconds": deadline_hours * 3600,
+        "backoffLimit": retries,  # each retry gets a fresh RayCluster
+        "submissionMode": "K8sJobMode",  # a submitter Job whose logs outlive the cluster
+        "submitterConfig": {"backoffLimit": 2},
+        # Stated rather than defaulted so that the submitter, too, runs non-root; KubeRay supplies its command.
+        "submitterPodTemplate": {"spec": {
+            "restartPolicy": "Never",
+            "securityContext": _non_root(RAY_UID, RAY_GID),
+            "containers": [{
+                "name": "ray-job-submitter",
+                "image": v["image"],
+                "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+                "securityContext": CONTAINER_SECURITY,
+            }],
+        }},
+        "rayClusterSpec": cluster_spec(v, stage),
+    }
+
+
+def _total_gpus(stage: dict[str, Any]) -> int:
+    return stage["workers"] * stage["gpus_per_worker"]
+
+
+def _meta(v: dict[str, Any], name: str, stage: str, generate: bool = False) -> dict[str, Any]:
+    return {
+        ("generateName" if generate else "name"): name,
+        "namespace": v["namespace"],
+        "labels": {"app.kubernetes.io/name": "llmemb-dist", STAGE_LABEL: stage},
+    }
+
+
+def scft(v: dict[str, Any]) -> list[dict[str, Any]]:
+    command = entrypoint(v, "scft", "scft.use_gpu=true", f"scft.num_workers={_total_gpus(v['scft'])}")
+    # Retries resume: the run name in the config is fixed, so Ray Train finds its checkpoints on S3.
+    spec = rayjob_spec(v, v["scft"], command, deadline_hours=48, retries=2)
+    return [{"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": _meta(v, "llmemb-scft", "scft"), "spec": spec}]
+
+
+def rat(v: dict[str, Any]) -> list[dict[str, Any]]:
+    r = v["rat"]
+    chosen = [f"rat.embeddings={r['embeddings']}"] if r["embeddings"] else []
+    command = entrypoint(v, "rat", f"rat.num_workers={r['workers'] * max(r['gpus_per_worker'], 1)}", *chosen)
+    spec = rayjob_spec(v, r, command, deadline_hours=24, retries=1)
+    return [{"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": _meta(v, "llmemb-rat", "rat"), "spec": spec}]
+
+
+def _embed_spec(v: dict[str, Any], version: str, previous: str) -> dict[str, Any]:
+    e = v["embed"]
+    command = entrypoint(v, "embed", f"embed.version={version}", f"embed.incremental_from={previous}",
+                         f"embed.num_actors={_total_gpus(e)}", "embed.gpus_per_actor=1")
+    return rayjob_spec(v, e, command, deadline_hours=6, retries=1)
+
+
+def embed_rayjob_template(v: dict[str, Any]) -> dict[str, Any]:
+    """The RayJob each scheduled run creates; the CronJob pod fills the two version slots."""
+    meta = _meta(v, "llmemb-embed-", "embed", generate=True)
+    meta["labels"][VERSION_LABEL] = VERSION_SLOT
+    return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta,
+            "spec": _embed_spec(v, VERSION_SLOT, PREVIOUS_SLOT)}
+
+
+def embed(v: dict[str, Any]) -> list[dict[str, Any]]:
+    name, ns = "llmemb-embed-scheduler", v["namespace"]
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(v, name, "embed-scheduler")}
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(v, name, "embed-scheduler"),
+        "rules": [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list", "watch"]}],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(v, name, "embed-scheduler"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
+    }
+    template = {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(v, "llmemb-embed-rayjob", "embed-scheduler"),
+        "data": {"rayjob.yaml": dump([embed_rayjob_template(v)]), "submit.sh": SUBMIT_SCRIPT},
+    }
+    pod = {
+        "serviceAccountName": name,
+        "restartPolicy": "Never",
+        "securityContext": _non_root(65532, 65532),
+        "containers": [{
+            "name": "submit",
+            "image": v["kubectl_image"],
+            "command": ["/bin/sh", "/template/submit.sh"],
+            "env": [{"name": "BASELINE_VERSION", "value": v["embed"]["baseline_version"]},
+                    {"name": "HOME", "value": "/tmp"}],  # kubectl writes its discovery cache under $HOME
+            "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}},
+            "securityContext": CONTAINER_SECURITY,
+            "volumeMounts": [{"name": "template", "mountPath": "/template", "readOnly": True}],
+        }],
+        "volumes": [{"name": "template", "configMap": {"name": "llmemb-embed-rayjob"}}],
+    }
+    cron = {
+        "apiVersion": "batch/v1", "kind": "CronJob", "metadata": _meta(v, "llmemb-embed", "embed-scheduler"),
+        "spec": {
+            "schedule": v["embed"]["schedule"],
+            "timeZone": v["embed"]["time_zone"],
+            "concurrencyPolicy": "Forbid",
+            "startingDeadlineSeconds": 3600,
+            "successfulJobsHistoryLimit": 3,
+            "failedJobsHistoryLimit": 3,
+            "jobTemplate": {"spec": {"backoffLimit": 2, "template": {"spec": pod}}},
+        },
+    }
+    return [account, role, binding, template, cron]
+
+
+def embed_raycronjob(v: dict[str, Any]) -> list[dict[str, Any]]:
+    """The same schedule for clusters that enable KubeRay's alpha `RayCronJob` feature gate.
+
+    Its template is static, so it cannot look up the previous run: every run re-embeds
+    incrementally from the baseline version (the whole catalog when that is empty), and
+    takes its version name from the date in the shell that runs the entrypoint.
+    """
+    e = v["embed"]
+    return [{
+        "apiVersion": "ray.io/v1", "kind": "RayCronJob", "metadata": _meta(v, "llmemb-embed", "embed-scheduler"),
+        "spec": {
+            "schedule": e["schedule"],
+            "timeZone": e["time_zone"],
+            "jobTemplate": _embed_spec(v, "cron-$(date -u +%Y%m%d-%H%M)", e["baseline_version"]),
+        },
+    }]
+
+
+TARGETS = {"scft": scft, "rat": rat, "embed": embed, "embed-raycronjob": embed_raycronjob}
+
+
+def render(target: str, values: dict[str, Any]) -> list[dict[str, Any]]:
+    if target == "all":
+        return [doc for build in TARGETS.values() for doc in build(values)]
+    return TARGETS[target](values)
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:  # shared sub-dicts must print in full, not as &id001 anchors
+        return True
+
+
+def _text(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in text else None  # scripts and templates print as the blocks they are
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_Dumper.add_representer(str, _text)
+
+
+def dump(docs: list[dict[str, Any]]) -> str:
+    # Wide lines: an entrypoint stays on one line, as `kubectl get -o yaml` would print it.
+    return yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, width=4096)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Render the llmemb-dist KubeRay manifests to stdout.")
+    parser.add_argument("target", choices=[*TARGETS, "all"])
+    parser.add_argument("--values", type=Path, default=HERE / "values.yaml")
+    args = parser.parse_args(argv)
+    sys.stdout.write(dump(render(args.target, load_values(args.values))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

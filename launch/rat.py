@@ -1,0 +1,9 @@
+"""Train the collaborative SASRec and the LLMEmb recommender, publish the adapted item embeddings:
+python launch/rat.py configs/default.yaml [key=value ...]"""
+import sys
+
+from llmemb_dist.cli import main
+from llmemb_dist.rat import rat
+
+if __name__ == "__main__":
+    sys.exit(main("rat", rat))

@@ -1,0 +1,158 @@
+"""The one place that knows DeepSpeed: configs, engines, LoRA gathering, checkpoints.
+
+Stages hand in a plain `nn.Module` and get back an engine with forward/backward/step;
+nothing else imports deepspeed (the OpenRLHF "strategy" pattern).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmemb_dist.config import ConfigError
+
+ZERO_STAGES = (0, 1, 2, 3)
+CHECKPOINT_TAG = "ds"  # a fixed tag: the Ray Train checkpoint folder already names the step
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    zero_stage: int
+    dtype: str  # fp32 | bf16 | fp16
+    micro_batch: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    offload_optimizer: bool = False
+    use_gpu: bool = False
+    gradient_clipping: float = 1.0
+
+
+def check_zero_stage(stage: int) -> None:
+    if stage not in ZERO_STAGES:
+        raise ConfigError(f"scft.zero_stage must be one of {list(ZERO_STAGES)}, got {stage}")
+
+
+def deepspeed_config(spec: EngineSpec, params: int = 0, trainable: int = 0) -> dict[str, Any]:
+    """The DeepSpeed config; `params` and `trainable` (element counts) size the buffers to the model."""
+    check_zero_stage(spec.zero_stage)
+    # torch's AdamW instead of DeepSpeed's JIT-built cpu_adam/fused_adam (a ~30 s compile on
+    # each new machine); only optimizer offload on GPUs wants DeepSpeed's vectorised CPU Adam.
+    torch_adam = not (spec.use_gpu and spec.offload_optimizer)
+    zero: dict[str, Any] = {"stage": spec.zero_stage}
+    if spec.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.use_gpu}
+    if spec.zero_stage == 3:
+        # Partition every parameter, small LoRA matrices included (DeepSpeed keeps those under 1e5
+        # elements whole by default): the memory figures then mean what they say, and the adapter
+        # must really be gathered before it is saved.
+        zero["stage3_param_persistence_threshold"] = 0
+        if params:
+            # DeepSpeed's defaults (1e9 elements live, 1e9 reuse distance) keep every layer of a model
+            # under 1B parameters gathered from its forward until its backward, i.e. the whole model
+            # on every rank. An eighth of the model bounds what is gathered at once to a few layers.
+            window = max(params // 8, 1)
+            zero.update(stage3_max_live_parameters=window, stage3_max_reuse_distance=window,
+                        stage3_prefetch_bucket_size=window)
+    if trainable:
+        # The default 5e8-element gradient bucket dwarfs a LoRA adapter; one bucket holds all of it.
+        zero["reduce_bucket_size"] = min(trainable, 500_000_000)
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": spec.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": spec.gradient_clipping,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": spec.lr, "weight_decay": spec.weight_decay, "betas": [0.9, 0.999], "torch_adam": torch_adam},
+        },
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": not torch_adam,
+        "bf16": {"enabled": spec.dtype == "bf16"},
+        "fp16": {"enabled": spec.dtype == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if spec.warmup_steps > 0:  # WarmupLR starts at lr 0, so without warmup there is no scheduler at all
+        config["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": spec.lr, "warmup_num_steps": spec.warmup_steps,
+                       "warmup_type": "linear"},
+        }
+    return config
+
+
+@contextmanager
+def model_init_context(spec: EngineSpec) -> Iterator[None]:
+    """Enter while loading the Hugging Face backbone: under ZeRO-3 it is built already partitioned.
+
+    With a live HfDeepSpeedConfig, transformers' from_pretrained creates each layer inside
+    deepspeed.zero.Init (every rank keeps only its slice) and rank 0 streams the checkpoint into
+    the slices, so no rank ever holds the whole model. transformers keeps only a weak reference,
+    hence the local variable held for the duration of the block. Other stages: a no-op.
+    """
+    if spec.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    os.environ.setdefault("LOCAL_RANK", "0")
+    hf_config = HfDeepSpeedConfig(deepspeed_config(spec))
+    try:
+        yield
+    finally:
+        del hf_config
+
+
+def build_engine(model: nn.Module, spec: EngineSpec):
+    """A DeepSpeed engine over the model's trainable parameters (the frozen base is never in the optimizer)."""
+    import deepspeed
+
+    os.environ.setdefault("LOCAL_RANK", "0")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    config = deepspeed_config(spec, sum(map(_numel, model.parameters())), sum(map(_numel, trainable)))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+    return engine
+
+
+def _numel(p: nn.Parameter) -> int:
+    return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partitioned parameter is empty locally
+
+
+def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Every trainable parameter, whole and on CPU, on every rank.
+
+    Under ZeRO-3 each rank holds a slice; GatheredParameters assembles them (a collective:
+    every rank must call this) so the saved adapter is not the empty one the pitfall warns of.
+    Without ZeRO-3 the context is a no-op.
+    """
+    import deepspeed
+
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+        return {n: p.detach().float().cpu().clone() for n, p in named}
+
+
+def save_checkpoint(engine, folder: str | Path, client_state: dict[str, Any]) -> None:
+    """Every rank writes its shard (and rank 0 the module) under `folder`; the frozen base is left out."""
+    engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state=client_state, exclude_frozen_parameters=True)
+
+
+def load_checkpoint(engine, folder: str | Path) -> dict[str, Any]:
+    """Restores module, optimizer and scheduler; returns the client state saved with them."""
+    path, client_state = engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG, load_module_strict=False)
+    if path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}/{CHECKPOINT_TAG}")
+    return client_state
+
+
+def consolidated_checkpoint_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The fp32 trainable weights rebuilt offline from a checkpoint's ZeRO shards (DeepSpeed's zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)

@@ -1,0 +1,52 @@
+"""PCA of catalog embeddings, fitted in one streaming pass and stored with the embeddings version.
+
+Each block contributes its row count, column sums and Gram matrix (d x d, float64); the driver
+adds them up, so the fit never holds the catalog's vectors in one place.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+
+from llmemb_dist.embed_udf import embeddings_table, vectors_of
+from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH
+
+PCA_FILE = "pca.npz"
+
+
+def block_moments(batch: pa.Table) -> pa.Table:
+    x = vectors_of(batch).astype(np.float64)
+    return pa.table({"n": [len(x)], "sum": [x.sum(0).tobytes()], "gram": [(x.T @ x).tobytes()]})
+
+
+def fit(moments: list[dict], dim: int) -> dict[str, np.ndarray]:
+    """Mean and the top `dim` principal directions (rows), from the summed block moments."""
+    n = sum(m["n"] for m in moments)
+    total = sum(np.frombuffer(m["sum"]) for m in moments)
+    d = len(total)
+    gram = sum(np.frombuffer(m["gram"]).reshape(d, d) for m in moments)
+    mean = total / n
+    cov = gram / n - np.outer(mean, mean)
+    _, vecs = np.linalg.eigh(cov)  # ascending eigenvalues
+    comps = vecs[:, ::-1][:, :dim].T
+    # eigh's signs are arbitrary; fixing them makes the projection reproducible across fits.
+    comps *= np.sign(comps[np.arange(dim), np.abs(comps).argmax(1)])[:, None]
+    return {"mean": mean.astype(np.float32), "components": comps.astype(np.float32)}
+
+
+def project(batch: pa.Table, pca: dict[str, np.ndarray]) -> pa.Table:
+    x = (vectors_of(batch) - pca["mean"]) @ pca["components"].T
+    return embeddings_table(batch[ITEM_ID].combine_chunks(), batch[TEXT_HASH].combine_chunks(), x)
+
+
+def to_bytes(pca: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **pca)
+    return buf.getvalue()
+
+
+def from_bytes(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data)) as f:
+        return {k: f[k] for k in f.files}

@@ -1,0 +1,121 @@
+"""Leave-one-out evaluation: HR and NDCG at k under sampled negatives and full ranking, by group.
+
+Two protocols, because sampled metrics can mislead: (a) the paper's, the true item
+among `num_negatives` seeded items the user never touched; (b) full ranking over the
+catalog minus the items already in the user's input. Groups: head vs tail target items
+(head = the most popular `head_fraction` by training interactions) and short vs long
+users (training length at most `short_user_max_len`). Ties count against the true
+item, so a constant scorer gets no credit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from llmemb_dist.config import EvalConfig
+from llmemb_dist.data.sequences import Sequences, pad_left
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]  # left-padded inputs (B, L) -> scores (B, num_items + 1)
+PROTOCOLS = ("sampled", "full")
+GROUPS = ("overall", "head", "tail", "short", "long")
+
+
+@dataclass
+class EvalSplit:
+    name: str
+    inputs: list[np.ndarray]
+    targets: np.ndarray
+    negatives: np.ndarray  # (users, num_negatives); 0 fills rows of users who touched almost everything
+    head: np.ndarray  # per user: is the target a head item
+    short: np.ndarray  # per user: is the user's training sequence short
+
+
+def head_items(popularity: np.ndarray, fraction: float) -> np.ndarray:
+    """Boolean per item index: the top `fraction` of items by training popularity (ties by index)."""
+    num_items = len(popularity) - 1
+    order = np.argsort(-popularity[1:], kind="stable") + 1
+    head = np.zeros(len(popularity), dtype=bool)
+    head[order[: math.ceil(fraction * num_items)]] = True
+    return head
+
+
+def sample_negatives(data: Sequences, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` distinct items per user, drawn uniformly from the items the user never touched."""
+    out = np.zeros((len(data.seqs), count), dtype=np.int64)
+    for u, seq in enumerate(data.seqs):
+        free = data.num_items - len(np.unique(seq))
+        want = min(count, free)
+        got: list[int] = []
+        while len(got) < want:
+            draw = rng.integers(1, data.num_items + 1, size=2 * count)
+            draw = draw[~np.isin(draw, seq)]
+            got = list(dict.fromkeys(got + draw.tolist()))[:want]
+        out[u, :want] = got
+    return out
+
+
+def make_split(data: Sequences, name: str, cfg: EvalConfig) -> EvalSplit:
+    inputs, targets = data.split(name)
+    rng = np.random.default_rng([cfg.seed, {"valid": 0, "test": 1}[name]])
+    head = head_items(data.train_popularity(), cfg.head_fraction)
+    train_lens = np.array([len(data.train(u)) for u in range(len(data.seqs))])
+    return EvalSplit(
+        name=name, inputs=inputs, targets=targets, negatives=sample_negatives(data, cfg.num_negatives, rng),
+        head=head[targets], short=train_lens <= cfg.short_user_max_len,
+    )
+
+
+@torch.no_grad()
+def ranks(scorer: Scorer, split: EvalSplit, users: np.ndarray, max_len: int, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """0-based rank of each user's true item under both protocols, for the given users."""
+    out = {p: np.zeros(len(users), dtype=np.int64) for p in PROTOCOLS}
+    # Similar lengths together: each batch is padded only to its longest input.
+    order = np.argsort([len(split.inputs[u]) for u in users], kind="stable")
+    for start in range(0, len(order), batch_size):
+        pick = order[start: start + batch_size]
+        batch = users[pick]
+        seqs = torch.as_tensor(pad_left([split.inputs[u] for u in batch], max_len))
+        scores = scorer(seqs).float()
+        scores[:, 0] = -torch.inf  # padding is no item
+        target = torch.as_tensor(split.targets[batch])
+        rows = torch.arange(len(batch))
+        true = scores[rows, target]
+        negs = scores.gather(1, torch.as_tensor(split.negatives[batch]))
+        out["sampled"][pick] = (negs >= true[:, None]).sum(1).numpy()
+        # Full ranking: the user's input items and the true item itself leave the candidates.
+        for i, u in enumerate(batch):
+            scores[i, torch.from_numpy(np.ascontiguousarray(split.inputs[u], dtype=np.int64))] = -torch.inf
+        scores[rows, target] = -torch.inf
+        out["full"][pick] = (scores >= true[:, None]).sum(1).numpy()
+    return out
+
+
+def metrics_from_ranks(rank: np.ndarray, ks: list[int]) -> dict[str, float]:
+    result: dict[str, float] = {"users": int(len(rank))}
+    for k in ks:
+        hit = rank < k
+        result[f"HR@{k}"] = float(hit.mean()) if len(rank) else 0.0
+        result[f"NDCG@{k}"] = float(np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0).mean()) if len(rank) else 0.0
+    return result
+
+
+def summarize(split: EvalSplit, user_ranks: dict[str, np.ndarray], ks: list[int]) -> dict[str, dict[str, dict[str, float]]]:
+    """{protocol: {group: {"HR@k", "NDCG@k", "users"}}} for ranks of all users of the split."""
+    masks = {"overall": np.ones(len(split.targets), dtype=bool), "head": split.head, "tail": ~split.head,
+             "short": split.short, "long": ~split.short}
+    return {p: {g: metrics_from_ranks(user_ranks[p][m], ks) for g, m in masks.items()} for p in PROTOCOLS}
+
+
+def evaluate(scorer: Scorer, split: EvalSplit, cfg: EvalConfig, max_len: int) -> dict[str, dict[str, dict[str, float]]]:
+    users = np.arange(len(split.targets))
+    return summarize(split, ranks(scorer, split, users, max_len), cfg.ks)
+
+
+def popularity_scorer(popularity: np.ndarray) -> Scorer:
+    """The most-popular baseline: every user gets the items ranked by training popularity."""
+    pop = torch.as_tensor(popularity, dtype=torch.float32)
+    return lambda seqs: pop.expand(len(seqs), -1).clone()

@@ -1,0 +1,80 @@
+"""The RAT report: metrics as Markdown tables and PNG charts (head vs tail results, validation curves)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on workers and servers
+import matplotlib.pyplot as plt  # noqa: E402
+
+GROUPS = ("overall", "head", "tail", "short", "long")
+
+
+def comparison_markdown(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no results)"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def metrics_markdown(metrics: dict[str, Any]) -> str:
+    """One table per protocol: every model and group, every metric, on the test split."""
+    out = []
+    for protocol in ("sampled", "full"):
+        out.append(f"### Test, {protocol} ranking\n")
+        rows = []
+        for variant, summary in metrics["variants"].items():
+            for group in GROUPS:
+                values = summary["test"][protocol][group]
+                rows.append({"model": variant, "group": group, **values})
+        out.append(comparison_markdown(rows) + "\n")
+    return "\n".join(out)
+
+
+def plot_head_tail(metrics: dict[str, Any], path: Path, metric: str = "NDCG@10") -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    variants = list(metrics["variants"])
+    width = 0.8 / max(1, len(variants))
+    for ax, protocol in zip(axes, ("sampled", "full")):
+        for i, variant in enumerate(variants):
+            groups = metrics["variants"][variant]["test"][protocol]
+            values = [groups[g][metric] for g in ("overall", "head", "tail")]
+            ax.bar([x + i * width for x in range(3)], values, width, label=variant)
+        ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(3)], ["overall", "head", "tail"])
+        ax.set_title(f"test {metric}, {protocol} ranking")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_validation(metrics: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant, summary in metrics["variants"].items():
+        history = summary["history"]
+        ax.plot([h["epoch"] for h in history], [h["valid_ndcg10"] for h in history], marker=".", label=variant)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation NDCG@10")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(metrics: dict[str, Any], out_dir: Path) -> None:
+    """report.md, head_tail.png and valid_curve.png into out_dir."""
+    plot_head_tail(metrics, out_dir / "head_tail.png")
+    plot_validation(metrics, out_dir / "valid_curve.png")
+    lines = [
+        "# RAT report\n",
+        f"{metrics['users']} users ({metrics['dropped_users']} dropped with fewer than 3 events), {metrics['items']} items.\n",
+    ]
+    for variant, summary in metrics["variants"].items():
+        lines.append(f"- {variant}: best epoch {summary['best_epoch']} of {summary['epochs']}")
+    lines += ["", metrics_markdown(metrics), "![head and tail](head_tail.png)", "", "![validation](valid_curve.png)", ""]
+    (out_dir / "report.md").write_text("\n".join(lines))

@@ -1,0 +1,25 @@
+"""Sequential recommenders (SASRec, Bert4Rec, GRU4Rec) over ID or adapted LLM item representations."""
+from __future__ import annotations
+
+import numpy as np
+
+from llmemb_dist.config import RatConfig
+from llmemb_dist.srs.base import SeqRecommender
+from llmemb_dist.srs.bert4rec import Bert4Rec
+from llmemb_dist.srs.gru4rec import GRU4Rec
+from llmemb_dist.srs.items import build_items
+from llmemb_dist.srs.sasrec import SASRec
+
+
+def build_model(cfg: RatConfig, backbone: str, item_repr: str, num_items: int, llm: np.ndarray | None = None) -> SeqRecommender:
+    items = build_items(item_repr, num_items, cfg.hidden, cfg.adapter_hidden, llm)
+    if backbone == "sasrec":
+        return SASRec(items, num_items, cfg.hidden, cfg.layers, cfg.heads, cfg.dropout, cfg.max_len)
+    if backbone == "bert4rec":
+        return Bert4Rec(items, num_items, cfg.hidden, cfg.layers, cfg.heads, cfg.dropout, cfg.max_len, cfg.mask_prob)
+    if backbone == "gru4rec":
+        return GRU4Rec(items, num_items, cfg.hidden, cfg.layers, cfg.dropout)
+    raise ValueError(f"unknown backbone {backbone!r}")
+
+
+__all__ = ["SeqRecommender", "build_model"]

@@ -1,0 +1,199 @@
+"""The embedding stage on real local Ray, the moto S3 server, a tiny random Llama and MiniLM."""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+
+from llmemb_dist import storage
+from llmemb_dist.config import Config, ConfigError, load_config, to_dict
+from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH, attribute_columns, catalog_table, item_attributes, render_prompt
+from llmemb_dist.embed import embed, embeddings_uri
+from llmemb_dist.embed_udf import vectors_of
+from llmemb_dist.llm.loading import (
+    ItemEncoder, attach_lora, base_model_info, load_adapter, load_backbone, load_tokenizer, resolve_model, tokenize,
+)
+from llmemb_dist.prepare import dataset_uri, prepare
+
+MAX_ITEMS = 40
+
+
+def make_cfg(root: str, model_dir: Path | str, *overrides: str) -> Config:
+    return load_config(None, [
+        f"root={root}", f"model.path={model_dir}", f"dataset.max_items={MAX_ITEMS}", "dataset.num_shards=2",
+        "model.max_length=48", "embed.batch_size=4", "embed.num_actors=2", "embed.rows_per_file=16",
+        "embed.adapter=none", *overrides,
+    ])
+
+
+def publish_adapter(cfg: Config, tmp_path: Path) -> str:
+    """An SCFT-style adapter publication with non-zero LoRA weights (a fresh LoRA is a no-op)."""
+    source = resolve_model(cfg.model)
+    model = attach_lora(load_backbone(source, cfg.model), cfg.model.lora)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    out = tmp_path / "adapter"
+    model.save_pretrained(out)
+    uri = storage.join(cfg.root, "scft", cfg.scft.run, "adapter")
+    with storage.publish(uri, kind="adapter", config=to_dict(cfg.scft), config_hash="test-adapter") as pub:
+        pub.upload_dir(out, "adapter")
+        pub.info["base_model"] = base_model_info(source, cfg.model)
+    return uri
+
+
+def reference_vectors(cfg: Config, catalog: pa.Table, adapter_dir: Path | None = None) -> dict[str, np.ndarray]:
+    """A single-process forward, one prompt at a time (no padding at all)."""
+    source = resolve_model(cfg.model)
+    backbone = load_backbone(source, cfg.model)
+    if adapter_dir:
+        backbone = load_adapter(backbone, adapter_dir)
+    encoder, tok = ItemEncoder(backbone, cfg.model.pooling).eval(), load_tokenizer(source)
+    columns = attribute_columns(catalog.schema)
+    out = {}
+    with torch.inference_mode():
+        for row in catalog.to_pylist():
+            prompt = render_prompt(cfg.model.instruction, item_attributes(row, columns))
+            out[row[ITEM_ID]] = encoder(**tokenize(tok, [prompt], cfg.model.max_length))[0].numpy()
+    return out
+
+
+def assert_matches(uri: str, expected: dict[str, np.ndarray], catalog: pa.Table) -> None:
+    table = storage.read_table(uri, "embeddings")
+    ids = table[ITEM_ID].to_pylist()
+    assert sorted(ids) == sorted(expected) and len(set(ids)) == len(ids)  # every item exactly once
+    assert dict(zip(ids, table[TEXT_HASH].to_pylist())) == dict(zip(catalog[ITEM_ID].to_pylist(), catalog[TEXT_HASH].to_pylist()))
+    got = vectors_of(table)
+    np.testing.assert_allclose(got, np.stack([expected[i] for i in ids]), rtol=1e-4, atol=1e-5)
+
+
+def publish_catalog(cfg: Config, df: pd.DataFrame) -> str:
+    uri = dataset_uri(cfg)
+    with storage.publish(uri, kind="dataset", config=to_dict(cfg.dataset), config_hash=cfg.dataset.name) as pub:
+        pub.write_table("catalog", catalog_table(df), 2)
+    return uri
+
+
+@pytest.mark.slow
+def test_llama_with_adapter_on_s3_equals_single_process_despite_actor_death(ray_local, s3_root, tiny_llama_dir, tmp_path):
+    cfg = make_cfg(s3_root, tiny_llama_dir, "embed.adapter=auto", "embed.fail_actor_once=true")
+    prepare(cfg)
+    adapter_uri = publish_adapter(cfg, tmp_path)
+    uri = embed(cfg)
+
+    m = storage.read_manifest(uri)
+    assert Path(tempfile.gettempdir(), f"llmemb-embed-fault-{m['data_dir']}").exists()  # an actor did die
+    assert m["counts"] == {"items": MAX_ITEMS, "new": MAX_ITEMS, "reused": 0, "removed": 0}
+    assert m["dim"] == 64 and m["pca"] is None
+    assert m["adapter"]["uri"] == adapter_uri
+    assert m["base_model"]["fingerprint"] == base_model_info(resolve_model(cfg.model), cfg.model)["fingerprint"]
+    assert m["catalog"]["uri"] == dataset_uri(cfg)
+    catalog = storage.read_table(dataset_uri(cfg), "catalog")
+    assert_matches(uri, reference_vectors(cfg, catalog, tmp_path / "adapter"), catalog)
+
+
+def changed_catalog(catalog: pa.Table) -> pd.DataFrame:
+    """Three items removed, two edited, two added."""
+    df = catalog.drop([TEXT_HASH]).to_pandas()
+    title = attribute_columns(df.columns)[0]
+    df = df.iloc[3:].reset_index(drop=True)
+    df.loc[0, title] = "An edited title"
+    df.loc[1, title] = "Another edited title"
+    added = df.iloc[:2].copy()
+    added[ITEM_ID] = ["new-1", "new-2"]
+    added[title] = ["A brand new item", "Another new item"]
+    return pd.concat([df, added], ignore_index=True)
+
+
+@pytest.mark.slow
+def test_incremental_equals_full_and_unchanged_rerun_does_no_model_work(ray_local, minilm_dir, tmp_path, caplog):
+    root = str(tmp_path / "runs")
+    cfg = make_cfg(root, "minilm", "embed.version=v1")
+    prepare(cfg)
+    embed(cfg)
+
+    changed = make_cfg(root, "minilm", "dataset.name=changed", "embed.version=v2", "embed.incremental_from=v1")
+    publish_catalog(changed, changed_catalog(storage.read_table(dataset_uri(cfg), "catalog")))
+    uri = embed(changed)
+    assert storage.read_manifest(uri)["counts"] == {"items": MAX_ITEMS - 1, "new": 4, "reused": MAX_ITEMS - 5, "removed": 3}
+    catalog = storage.read_table(dataset_uri(changed), "catalog")
+    assert_matches(uri, reference_vectors(changed, catalog), catalog)
+
+    caplog.set_level(logging.INFO, logger="llmemb_dist.embed")
+    again = make_cfg(root, "minilm", "dataset.name=changed", "embed.version=v3", "embed.incremental_from=v2")
+    again_uri = embed(again)
+    assert storage.read_manifest(again_uri)["counts"] == {"items": MAX_ITEMS - 1, "new": 0, "reused": MAX_ITEMS - 1, "removed": 0}
+    assert "no model work" in caplog.text
+    assert_matches(again_uri, reference_vectors(changed, catalog), catalog)
+
+
+@pytest.mark.slow
+def test_pca_is_fitted_stored_and_reused_incrementally(ray_local, minilm_dir, tmp_path):
+    root = str(tmp_path / "runs")
+    cfg = make_cfg(root, "minilm", "embed.version=p1", "embed.pca_dim=8")
+    prepare(cfg)
+    full = storage.read_table(embed(cfg), "embeddings")
+    x = vectors_of(full)
+    assert x.shape == (MAX_ITEMS, 8)
+    np.testing.assert_allclose(x.mean(0), 0, atol=1e-4)  # centred
+    var = x.var(0)
+    assert np.all(var[:-1] >= var[1:] - 1e-6)  # components ordered by explained variance
+
+    again = make_cfg(root, "minilm", "embed.version=p2", "embed.pca_dim=8", "embed.incremental_from=p1")
+    uri = embed(again)
+    assert storage.read_manifest(uri)["counts"]["new"] == 0
+    same = storage.read_table(uri, "embeddings")
+    order = {i: k for k, i in enumerate(same[ITEM_ID].to_pylist())}
+    np.testing.assert_array_equal(vectors_of(same)[[order[i] for i in full[ITEM_ID].to_pylist()]], x)
+
+
+# ---------------------------------------------------------------- bad input: a clear error, nothing published
+
+
+def test_adapter_for_another_base_model_is_refused(ray_local, tiny_llama_dir, tmp_path):
+    root = str(tmp_path / "runs")
+    publish_adapter(make_cfg(root, tiny_llama_dir), tmp_path)
+    cfg = make_cfg(root, "minilm", "embed.adapter=auto")
+    prepare(cfg)
+    with pytest.raises(ConfigError, match="trained on base model"):
+        embed(cfg)
+    assert not storage.is_published(embeddings_uri(cfg))
+
+
+def test_item_with_every_attribute_empty_is_refused(ray_local, tmp_path):
+    cfg = make_cfg(str(tmp_path / "runs"), "minilm")
+    publish_catalog(cfg, pd.DataFrame({ITEM_ID: ["a", "b"], "title": ["A film", None], "genre": ["drama", "  "]}))
+    with pytest.raises(storage.DataError, match="item 'b' has every attribute empty"):
+        embed(cfg)
+    assert not storage.is_published(embeddings_uri(cfg))
+
+
+def test_empty_catalog_is_refused(ray_local, tmp_path):
+    cfg = make_cfg(str(tmp_path / "runs"), "minilm")
+    publish_catalog(cfg, pd.DataFrame({ITEM_ID: pd.Series([], dtype=str), "title": pd.Series([], dtype=str)}))
+    with pytest.raises(storage.DataError, match="catalog is empty"):
+        embed(cfg)
+    assert not storage.is_published(embeddings_uri(cfg))
+
+
+def test_incremental_with_another_dimension_is_refused(ray_local, tmp_path):
+    root = str(tmp_path / "runs")
+    cfg = make_cfg(root, "minilm", "embed.version=v2", "embed.incremental_from=v1")
+    prepare(cfg)
+    previous = embeddings_uri(cfg, "v1")
+    with storage.publish(previous, kind="embeddings", config={}, config_hash="old") as pub:
+        pub.write_table("embeddings", pa.table({ITEM_ID: ["1"], TEXT_HASH: ["h"], "embedding": pa.array([[0.0] * 16], pa.list_(pa.float32(), 16))}))
+        pub.info["dim"] = 16
+    before = storage.read_manifest(previous)
+    with pytest.raises(storage.DataError, match="dimension 16, this run gives 384"):
+        embed(cfg)
+    assert not storage.is_published(embeddings_uri(cfg))
+    assert storage.read_manifest(previous) == before  # the previous version is untouched

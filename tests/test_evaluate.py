@@ -1,0 +1,63 @@
+import math
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from llmemb_dist.config import EvalConfig
+from llmemb_dist.data.sequences import build_sequences
+from llmemb_dist.evaluate import evaluate, head_items, make_split, metrics_from_ranks, popularity_scorer, ranks
+
+
+def test_metrics_on_known_ranks():
+    m = metrics_from_ranks(np.array([0, 1, 4, 9, 10]), [5, 10])
+    assert m["HR@5"] == 3 / 5 and m["HR@10"] == 4 / 5
+    assert math.isclose(m["NDCG@5"], (1 + 1 / math.log2(3) + 1 / math.log2(6)) / 5)
+    assert math.isclose(m["NDCG@10"], (1 + 1 / math.log2(3) + 1 / math.log2(6) + 1 / math.log2(11)) / 5)
+
+
+def small_data(num_items=30):
+    rows = []
+    for u in range(4):
+        for t, item in enumerate([1 + u, 5 + u, 10 + u, 20 + u]):
+            rows.append((f"u{u}", str(item), t))
+    users, items, times = zip(*rows)
+    table = pa.table({"user_id": list(users), "item_id": list(items), "timestamp": pa.array(times, pa.int64())})
+    return build_sequences(table, [str(i) for i in range(1, num_items + 1)])
+
+
+def test_ranks_under_both_protocols_on_a_handmade_scorer():
+    data = small_data()
+    cfg = EvalConfig(num_negatives=5, ks=[1, 5])
+    split = make_split(data, "test", cfg)
+    for u, seq in enumerate(data.seqs):  # negatives: distinct, never touched by the user
+        assert len(set(split.negatives[u])) == 5 and not set(split.negatives[u]) & set(seq.tolist())
+    # Scores = item index: the true item (20 + u) beats every item below it.
+    scorer = lambda seqs: torch.arange(31, dtype=torch.float32).expand(len(seqs), -1).clone()  # noqa: E731
+    got = ranks(scorer, split, np.arange(4), max_len=10)
+    for u in range(4):
+        target = 20 + u
+        assert got["sampled"][u] == int((split.negatives[u] > target).sum())
+        # Full: items above the target, none of them in the user's history (all history is below).
+        assert got["full"][u] == 30 - target
+
+
+def test_ties_count_against_the_true_item_and_same_seed_same_negatives():
+    data = small_data()
+    cfg = EvalConfig(num_negatives=5, ks=[10])
+    result = evaluate(lambda seqs: torch.zeros(len(seqs), 31), make_split(data, "valid", cfg), cfg, 10)
+    assert result["sampled"]["overall"]["HR@10"] == 1.0  # 5 tied negatives: rank 5 < 10
+    result = evaluate(lambda seqs: torch.zeros(len(seqs), 31), make_split(data, "valid", EvalConfig(ks=[1])), EvalConfig(ks=[1]), 10)
+    assert result["sampled"]["overall"]["HR@1"] == 0.0 and result["full"]["overall"]["HR@1"] == 0.0
+    a, b = make_split(data, "valid", cfg), make_split(data, "valid", cfg)
+    assert (a.negatives == b.negatives).all()
+
+
+def test_head_items_and_groups():
+    pop = np.array([0, 5, 1, 9, 1, 0, 0, 0, 0, 0, 3])
+    assert np.flatnonzero(head_items(pop, 0.2)).tolist() == [1, 3]
+    data = small_data()
+    split = make_split(data, "test", EvalConfig(head_fraction=0.2, short_user_max_len=2))
+    assert split.short.all()  # two training events each
+    result = evaluate(popularity_scorer(data.train_popularity()), split, EvalConfig(), 10)
+    assert result["full"]["head"]["users"] + result["full"]["tail"]["users"] == 4

@@ -1,0 +1,194 @@
+"""Offline checks of the KubeRay manifests that k8s/render.py makes from k8s/values.yaml.
+
+KubeRay objects validate against the CRD schemas in ../shared/schemas in strict mode
+(unknown fields rejected, see that folder's README); native kinds with kubernetes-validate.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import re
+import shlex
+import subprocess
+import sys
+from functools import cache
+from typing import Any, Iterator
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import REPO
+from llmemb_dist.config import load_config
+
+SCHEMAS = REPO.parent / "shared" / "schemas"
+KUBERAY_SCHEMAS = {"RayJob": "rayjob.ray.io_v1.json", "RayCronJob": "raycronjob.ray.io_v1.json"}
+KUBERNETES_VERSION = "1.30"  # the oldest release these manifests support (CronJob timeZone is GA since 1.27)
+
+_spec = importlib.util.spec_from_file_location("k8s_render", REPO / "k8s" / "render.py")
+render = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(render)
+
+VALUES = render.load_values()
+DOCS = render.render("all", VALUES)
+
+
+def strict(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` on every object schema that lists its properties."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "properties":  # a map of field name -> schema, not a schema itself
+            out[key] = {name: strict(sub) for name, sub in value.items()}
+        else:
+            out[key] = strict(value)
+    if "properties" in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+@cache
+def kuberay_validator(kind: str) -> jsonschema.Validator:
+    schema = strict(json.loads((SCHEMAS / KUBERAY_SCHEMAS[kind]).read_text()))
+    return jsonschema.Draft202012Validator(schema)
+
+
+def embed_template(docs: list[dict[str, Any]], version: str, previous: str) -> dict[str, Any]:
+    """The RayJob the CronJob pod creates, filled as its script fills it (sed on the two slots)."""
+    (configmap,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "llmemb-embed-rayjob"]
+    text = configmap["data"]["rayjob.yaml"]
+    return yaml.safe_load(text.replace(render.VERSION_SLOT, version).replace(render.PREVIOUS_SLOT, previous))
+
+
+def rayjob_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every RayJob spec the manifests start: the RayJobs, the CronJob's template, the RayCronJob's."""
+    for doc in docs:
+        if doc["kind"] == "RayJob":
+            yield doc["metadata"]["name"], doc["spec"]
+        elif doc["kind"] == "RayCronJob":
+            yield "raycronjob", doc["spec"]["jobTemplate"]
+    yield "cronjob-template", embed_template(docs, "20260101-0300", "20251231-0300")["spec"]
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for _, spec in rayjob_specs(docs):
+        cluster = spec["rayClusterSpec"]
+        yield cluster["headGroupSpec"]["template"]["spec"]
+        yield from (group["template"]["spec"] for group in cluster["workerGroupSpecs"])
+        yield spec["submitterPodTemplate"]["spec"]
+    for doc in docs:
+        if doc["kind"] == "CronJob":
+            yield doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+
+
+def test_strict_schema_rejects_a_misspelt_field():
+    (scft,) = render.scft(VALUES)
+    broken = copy.deepcopy(scft)
+    broken["spec"]["shutdownAfterJobFinish"] = True
+    assert list(kuberay_validator("RayJob").iter_errors(broken))
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if d["kind"] in KUBERAY_SCHEMAS], ids=lambda d: d["kind"])
+def test_kuberay_objects_validate_strictly(doc):
+    kuberay_validator(doc["kind"]).validate(doc)
+
+
+def test_cronjob_rayjob_template_renders_to_a_valid_rayjob():
+    job = embed_template(DOCS, "20260101-0300", "v1")
+    kuberay_validator("RayJob").validate(job)
+    assert job["metadata"]["generateName"] == "llmemb-embed-"
+    assert job["metadata"]["labels"][render.VERSION_LABEL] == "20260101-0300"
+    assert "embed.version=20260101-0300 embed.incremental_from=v1" in job["spec"]["entrypoint"]
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if d["kind"] not in KUBERAY_SCHEMAS],
+                         ids=lambda d: d["kind"])
+def test_native_objects_validate_strictly(doc):
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_scheduler_runs_one_at_a_time_with_just_the_rights_it_needs():
+    by_kind = {d["kind"]: d for d in DOCS if d["metadata"]["labels"]["llmemb-stage"] == "embed-scheduler"}
+    assert by_kind["CronJob"]["spec"]["concurrencyPolicy"] == "Forbid"
+    assert by_kind["CronJob"]["spec"]["schedule"] == by_kind["RayCronJob"]["spec"]["schedule"]
+    (rule,) = by_kind["Role"]["rules"]
+    assert rule == {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list", "watch"]}
+    pod = by_kind["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == by_kind["ServiceAccount"]["metadata"]["name"]
+    assert by_kind["RoleBinding"]["subjects"][0]["name"] == by_kind["ServiceAccount"]["metadata"]["name"]
+
+
+@pytest.mark.parametrize("name,spec", list(rayjob_specs(DOCS)), ids=[n for n, _ in rayjob_specs(DOCS)])
+def test_entrypoints_name_a_launch_script_and_a_config_that_loads(name, spec):
+    # A shell expands $(date ...) when the job starts; stand in a value of the same shape.
+    argv = shlex.split(re.sub(r"\$\([^)]*\)", "20260101-0300", spec["entrypoint"]))
+    assert argv[0] == "python"
+    script, config, overrides = argv[1], argv[2], argv[3:]
+    assert re.fullmatch(r"launch/\w+\.py", script) and (REPO / script).is_file(), f"{name}: no {script}"
+    assert (REPO / config).is_file(), f"{name}: no {config}"
+    cfg = load_config(REPO / config, overrides)
+    assert cfg.root == f"s3://{VALUES['bucket']}/{VALUES['prefix']}"
+    stage = script.removeprefix("launch/").removesuffix(".py")
+    gpus = VALUES[stage]["workers"] * VALUES[stage]["gpus_per_worker"]
+    if stage == "rat":
+        assert cfg.rat.num_workers == VALUES["rat"]["workers"] * max(VALUES["rat"]["gpus_per_worker"], 1)
+    if stage == "scft":
+        assert cfg.scft.zero_stage == 3 and cfg.scft.use_gpu and cfg.scft.num_workers == gpus
+    if stage == "embed":
+        previous = "20251231-0300" if name == "cronjob-template" else VALUES["embed"]["baseline_version"]
+        assert cfg.embed.incremental_from == previous and cfg.embed.num_actors == gpus
+
+
+def test_gpu_pods_request_what_they_limit_run_non_root_and_have_shared_memory():
+    for pod in pod_specs(DOCS):
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+        for container in pod["containers"]:
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            resources = container["resources"]
+            if render.GPU in resources["limits"]:
+                assert resources["requests"] == resources["limits"]
+                shm = {m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"}
+                assert [v for v in pod["volumes"] if v["name"] in shm][0]["emptyDir"]["medium"] == "Memory"
+    scft_workers = DOCS[0]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert scft_workers["replicas"] == VALUES["scft"]["workers"]
+    assert scft_workers["template"]["spec"]["containers"][0]["resources"]["limits"][render.GPU] == str(
+        VALUES["scft"]["gpus_per_worker"])
+
+
+CREDENTIAL_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.I)
+AWS_KEY_ID = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
+AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
+
+
+def test_no_manifest_holds_a_literal_credential():
+    texts = {path.name: path.read_text() for path in [*(REPO / "k8s").iterdir(), REPO / "Dockerfile"] if path.is_file()}
+    texts["rendered"] = render.dump(DOCS)
+    for name, text in texts.items():
+        assert not AWS_KEY_ID.search(text), f"{name} holds an AWS access key id"
+        assert not AWS_SECRET.search(text), f"{name} holds what looks like an AWS secret key"
+    assert not any(d["kind"] == "Secret" for d in DOCS), "credentials come from a Secret made outside the manifests"
+    env = [e for pod in pod_specs(DOCS) for c in pod["containers"] for e in c.get("env", [])]
+    for var in env:
+        if CREDENTIAL_NAME.search(var["name"]):
+            assert "value" not in var and "secretKeyRef" in var["valueFrom"], var["name"]
+
+
+def test_values_flow_into_every_manifest():
+    values = copy.deepcopy(VALUES) | {"bucket": "other-bucket", "image": "example.org/llmemb:2"}
+    values["scft"] = values["scft"] | {"workers": 3, "gpus_per_worker": 4}
+    (job,) = render.scft(values)
+    assert "root=s3://other-bucket/" in job["spec"]["entrypoint"] and "scft.num_workers=12" in job["spec"]["entrypoint"]
+    assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 3
+    images = {c["image"] for pod in pod_specs(render.render("all", values)) for c in pod["containers"]}
+    assert images == {"example.org/llmemb:2", VALUES["kubectl_image"]}
+
+
+def test_cli_prints_the_manifests():
+    out = subprocess.run([sys.executable, str(REPO / "k8s" / "render.py"), "all"],
+                         capture_output=True, text=True, check=True).stdout
+    assert list(yaml.safe_load_all(out)) == DOCS

@@ -1,0 +1,190 @@
+"""Multi-node behaviour on one machine: a Ray cluster of a head and two worker nodes that share
+nothing but the moto S3 server, a node lost mid-run, and a request the cluster cannot host.
+
+The model is uploaded to S3 and named by its s3:// URI, so every node fetches it into its own
+cache folder (conftest.MultiNode); nothing relies on a path that exists on only one node.
+A node is removed from a background thread once storage shows the run is past a point that
+is reached mid-run by construction (a registered checkpoint, model replicas loaded), and the
+tests assert only what must then hold, whatever the exact moment of the loss.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmemb_dist import storage
+from llmemb_dist.config import Config, load_config
+from llmemb_dist.distributed.ray_train import InsufficientResources, run_training
+from llmemb_dist.embed import embed, embeddings_uri
+from llmemb_dist.prepare import dataset_uri, prepare
+from llmemb_dist.scft import adapter_uri, scft
+from llmemb_dist.scft_worker import run_dir_uri
+
+from test_embed import assert_matches, reference_vectors
+
+WAIT_S = 300  # for a point of a run to show in storage; far beyond what it takes, short of a hang
+
+
+def model_uri(root: str, model_dir: Path) -> str:
+    uri = storage.join(root, "models", model_dir.name)
+    storage.upload_dir(model_dir, uri)
+    return uri
+
+
+def make_cfg(root: str, model: str, driver_cache: Path, *overrides: str) -> Config:
+    # LoRA dropout draws from torch's global RNG, which a checkpoint does not restore: with it,
+    # a resumed run trains on other dropout masks than an uninterrupted one.
+    return load_config(None, [
+        f"root={root}", "dataset.num_shards=2", f"model.path={model}", f"model.cache_dir={driver_cache}",
+        "model.max_length=48", "model.lora.dropout=0", *overrides,
+    ])
+
+
+def scft_cfg(root: str, model: str, driver_cache: Path, run: str) -> Config:
+    # One 2-CPU worker per 3-CPU node; 8 steps with checkpoints at 4 and 8.
+    return make_cfg(
+        root, model, driver_cache, "dataset.max_items=64", f"scft.run={run}",
+        "scft.num_workers=2", "scft.cpus_per_worker=2", "scft.zero_stage=3", "scft.max_failures=2",
+        "scft.batch_size=8", "scft.steps=8", "scft.checkpoint_every=4",
+        "scft.lr=0.002", "scft.temperature_init=0.1", "scft.augmentation=reference",
+    )
+
+
+def holds_model(cache: Path) -> bool:
+    return any(cache.glob("*/config.json"))
+
+
+class NodeLoss(threading.Thread):
+    """Once `ready()` is true, removes worker node `victim` and adds a replacement.
+
+    It records whether the output was still unpublished when the node went (so the loss
+    happened mid-run) and which nodes took part.
+    """
+
+    def __init__(self, nodes, ready: Callable[[], bool], published_uri: str):
+        super().__init__(daemon=True)
+        self.nodes, self.ready, self.published_uri = nodes, ready, published_uri
+        self.victim = nodes.workers[0]
+        self.replacement = None
+        self.unpublished_at_loss: bool | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            deadline = time.monotonic() + WAIT_S
+            while not self.ready():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the run never reached the point where a node is to be lost")
+                time.sleep(0.2)
+            self.unpublished_at_loss = not storage.is_published(self.published_uri)
+            self.nodes.remove_node(self.victim)
+            self.replacement = self.nodes.add_node()
+        except BaseException as e:  # noqa: BLE001 - reported by finish() on the test's thread
+            self.error = e
+
+    def finish(self) -> None:
+        self.join(timeout=WAIT_S)
+        if self.error:
+            raise self.error
+        assert self.replacement is not None, "the node was never replaced"
+
+
+def published_metrics(cfg: Config) -> list[dict]:
+    import json
+
+    text = storage.read_bytes(storage.join(storage.data_uri(adapter_uri(cfg)), "metrics.jsonl")).decode()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def published_adapter(cfg: Config, tmp: Path) -> dict[str, torch.Tensor]:
+    local = storage.download_dir(storage.join(storage.data_uri(adapter_uri(cfg)), "adapter"), tmp)
+    return load_file(local / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_scft_zero3_loses_a_node_resumes_from_s3_and_equals_an_uninterrupted_run(ray_multinode, s3_root, tiny_llama_dir, tmp_path):
+    nodes = ray_multinode
+    model = model_uri(s3_root, tiny_llama_dir)
+    steady = scft_cfg(s3_root, model, tmp_path / "driver-cache", run="steady")
+    prepare(steady)
+    scft(steady)
+    # Each node fetched the model from S3 into its own cache, and so did the driver.
+    assert all(holds_model(nodes.caches[n.node_id]) for n in nodes.workers)
+    assert holds_model(tmp_path / "driver-cache")
+
+    lossy = scft_cfg(s3_root, model, tmp_path / "driver-cache", run="lossy")
+    # Ray Train writes its snapshot once the first checkpoint (step 4 of 8) is registered.
+    snapshot = storage.join(run_dir_uri(lossy), "checkpoints", "checkpoint_manager_snapshot.json")
+    loss = NodeLoss(nodes, lambda: storage.exists(snapshot), adapter_uri(lossy))
+    loss.start()
+    scft(lossy)
+    loss.finish()
+
+    assert loss.unpublished_at_loss  # the node went mid-run
+    # A worker restarted on the new node: it fetched the model from S3 and the state from the checkpoint.
+    assert holds_model(nodes.caches[loss.replacement.node_id])
+    manifest = storage.read_manifest(adapter_uri(lossy))
+    assert manifest["steps"] == 8
+    metrics, expected = published_metrics(lossy), published_metrics(steady)
+    assert [m["step"] for m in metrics] == list(range(1, 9))  # every step once
+    # Resumed at the checkpoint's exact step, with its optimizer state and data order: each
+    # step's loss, and the adapter, are the uninterrupted run's.
+    torch.testing.assert_close([m["loss"] for m in metrics], [m["loss"] for m in expected], rtol=1e-4, atol=1e-5)
+    got, want = published_adapter(lossy, tmp_path / "lossy"), published_adapter(steady, tmp_path / "steady")
+    assert got.keys() == want.keys() and any("lora_B" in k for k in got)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+    assert any(want[k].abs().sum() > 0 for k in want if "lora_B" in k)  # trained, not the zero init
+
+
+@pytest.mark.slow
+def test_embedding_with_one_actor_per_node_survives_a_node_loss(ray_multinode, s3_root, tiny_llama_dir, tmp_path):
+    nodes = ray_multinode
+    cfg = make_cfg(
+        s3_root, model_uri(s3_root, tiny_llama_dir), tmp_path / "driver-cache", "dataset.max_items=400",
+        "embed.adapter=none", "embed.num_actors=2", "embed.cpus_per_actor=2", "embed.batch_size=2",
+        "embed.rows_per_file=25",
+    )
+    prepare(cfg)
+    caches = [nodes.caches[n.node_id] for n in nodes.workers]
+    # Both replicas are loading the model: the job has started and has all its work ahead.
+    loss = NodeLoss(nodes, lambda: all(holds_model(c) for c in caches), embeddings_uri(cfg))
+    loss.start()
+    uri = embed(cfg)
+    loss.finish()
+
+    assert loss.unpublished_at_loss
+    assert holds_model(nodes.caches[loss.replacement.node_id])  # the lost actor was restarted there
+    catalog = storage.read_table(dataset_uri(cfg), "catalog")
+    assert storage.read_manifest(uri)["counts"]["items"] == catalog.num_rows == 400
+    assert_matches(uri, reference_vectors(cfg, catalog), catalog)  # every item exactly once, right vectors
+
+
+def _never_runs(config: dict) -> None:
+    raise AssertionError("no worker should start")
+
+
+def test_more_workers_than_the_nodes_can_host_is_a_clear_error_not_a_wait(ray_multinode, s3_root):
+    outcome: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            run_training(_never_runs, {}, name="too-big", storage_uri=s3_root, num_workers=3, cpus_per_worker=2)
+        except BaseException as e:  # noqa: BLE001 - examined below
+            outcome.append(e)
+
+    # Without the check Ray Train would wait for the placement group forever; a thread keeps
+    # a regression from hanging the suite.
+    caller = threading.Thread(target=ask, daemon=True)
+    caller.start()
+    caller.join(timeout=WAIT_S)
+    assert not caller.is_alive(), "run_training waited for resources the cluster does not have"
+    # 6 CPUs in all, but a 2-CPU worker fits only once on each 3-CPU node.
+    assert len(outcome) == 1 and isinstance(outcome[0], InsufficientResources)
+    assert "3 workers of {'CPU': 2.0} each do not fit" in str(outcome[0]) and "can host 2" in str(outcome[0])

@@ -1,0 +1,82 @@
+"""SCFT input checks (each fails before any worker starts) and its deterministic data order."""
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from llmemb_dist import storage
+from llmemb_dist.config import ConfigError, load_config
+from llmemb_dist.distributed.engine import EngineSpec, deepspeed_config
+from llmemb_dist.prepare import dataset_uri, prepare
+from llmemb_dist.scft import adapter_uri, scft
+from llmemb_dist.scft_data import Views, batch_indices
+
+
+def base_config(root, model, *extra):
+    return load_config(None, [f"root={root}", "dataset.max_items=40", f"model.path={model}", "scft.batch_size=4", *extra])
+
+
+def test_missing_base_model(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        scft(base_config(tmp_path, tmp_path / "no-such-model"))
+
+
+def test_gguf_that_is_not_gguf(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ConfigError, match="not a GGUF file"):
+        scft(base_config(tmp_path, fake))
+
+
+def test_zero_stage_4(tmp_path, tiny_llama_dir):
+    with pytest.raises(ConfigError, match="scft.zero_stage"):
+        scft(base_config(tmp_path, tiny_llama_dir, "scft.zero_stage=4"))
+
+
+def test_catalog_without_attribute_columns(ray_local, s3_root, tiny_llama_dir):
+    cfg = base_config(s3_root, tiny_llama_dir)
+    table = pa.table({"item_id": ["1", "2", "3"], "text_hash": ["a", "b", "c"]})
+    with storage.publish(dataset_uri(cfg), kind="dataset", config={}, config_hash="x") as pub:
+        pub.write_table("catalog", table)
+        pub.write_table("interactions", pa.table({"user_id": ["u"], "item_id": ["1"], "timestamp": [1]}))
+    with pytest.raises(storage.DataError, match="no attribute columns"):
+        scft(cfg)
+    assert not storage.is_published(adapter_uri(cfg))
+
+
+def test_batch_larger_than_a_worker_shard(ray_local, s3_root, tiny_llama_dir):
+    cfg = base_config(s3_root, tiny_llama_dir, "scft.num_workers=2", "scft.batch_size=32")
+    prepare(cfg)
+    with pytest.raises(ConfigError, match=r"scft.batch_size 32 is larger than a worker's shard \(40 items / 2 workers = 20\)"):
+        scft(cfg)
+    assert not storage.exists(storage.join(cfg.root, "scft"))  # no worker ever started
+
+
+def test_data_order_is_a_function_of_the_step():
+    # Resuming at any step reproduces the uninterrupted run's batches; an epoch covers the shard once.
+    full = [batch_indices(10, 3, step, seed=1, rank=0) for step in range(6)]
+    assert [batch_indices(10, 3, step, seed=1, rank=0).tolist() for step in range(4, 6)] == [b.tolist() for b in full[4:]]
+    assert sorted(sum((b.tolist() for b in full[:3]), [])) == sorted(set(sum((b.tolist() for b in full[:3]), [])))
+    assert batch_indices(10, 3, 0, seed=1, rank=1).tolist() != full[0].tolist()  # ranks draw differently
+
+
+def test_views_fresh_vs_reference():
+    items = [[("title", f"t{i}"), ("genre", "g"), ("year", "1999"), ("director", "d")] for i in range(4)]
+    fresh = Views(items, "I", 0.5, "fresh", seed=0, rank=0)
+    ref = Views(items, "I", 0.5, "reference", seed=0, rank=0)
+    assert fresh.prompts([0, 1], 3) == fresh.prompts([0, 1], 3)  # seeded
+    assert any(fresh.prompts([0, 1, 2, 3], s) != fresh.prompts([0, 1, 2, 3], 0) for s in range(1, 5))  # fresh each step
+    assert ref.prompts([0, 1], 0) == ref.prompts([0, 1], 7)  # drawn once
+    a, _ = ref.prompts([0], 0)
+    assert a[0].startswith("I\n") and a[0].count(" is ") == 2  # 4 attributes, int(4 * 0.5) dropped
+
+
+def test_deepspeed_config():
+    cfg = deepspeed_config(EngineSpec(zero_stage=3, dtype="bf16", micro_batch=8, lr=1e-4, offload_optimizer=True))
+    assert cfg["zero_optimization"]["stage"] == 3 and cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    assert cfg["optimizer"]["params"]["torch_adam"] and "scheduler" not in cfg
+    gpu = deepspeed_config(EngineSpec(zero_stage=2, dtype="fp16", micro_batch=8, lr=1e-4, offload_optimizer=True,
+                                      use_gpu=True, warmup_steps=10))
+    assert not gpu["optimizer"]["params"]["torch_adam"]  # DeepSpeed's CPU Adam for offload on GPUs
+    assert gpu["scheduler"]["params"]["warmup_num_steps"] == 10
