@@ -120,7 +120,7 @@ class RatConfig:
     embeddings: str = "default"  # an embeddings version under <root>/embeddings, or a URI
     embedding_dim: int = 0  # expected LLM embedding dimension; 0 = take it from the embeddings
     backbone: Literal["sasrec", "bert4rec", "gru4rec"] = "sasrec"
-    item_repr: Literal["id", "llm"] = "llm"
+    item_repr: Literal["id", "llm", "llm_id"] = "llm"  # llm_id: adapted LLM vector + ID vector (srs/items.py)
     hidden: int = 128
     layers: int = 2
     heads: int = 1

@@ -191,10 +191,10 @@ def _plan(cfg: Config, data_uri: str, data_manifest: dict, dim: int, encoder: st
             f"(embed.pca_dim={cfg.embed.pca_dim}); incremental mode needs equal dimensions: run a full embedding"
         )
     if prev.get("encoder") != encoder:
-        raise ConfigError(
-            f"embed.incremental_from: {prev_uri} was embedded with another model, adapter or prompt "
-            f"(encoder {prev.get('encoder')} vs {encoder}); its vectors cannot be reused: run a full embedding"
-        )
+        # A scheduled re-embedding after a new SCFT adapter lands here: embed everything, do not fail.
+        log.warning("%s was embedded with another model, adapter or prompt: no vector can be reused, "
+                    "embedding every item", prev_uri)
+        return plan
     prev_keys = _read_keys(storage.table_files(prev_uri, "embeddings", prev))
     same = pc.is_in(_joined(keys), value_set=_joined(prev_keys))
     plan.previous, plan.previous_manifest = prev_uri, prev

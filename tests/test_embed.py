@@ -197,3 +197,17 @@ def test_incremental_with_another_dimension_is_refused(ray_local, tmp_path):
         embed(cfg)
     assert not storage.is_published(embeddings_uri(cfg))
     assert storage.read_manifest(previous) == before  # the previous version is untouched
+
+
+def test_incremental_after_a_new_encoder_embeds_every_item(ray_local, tmp_path, caplog):
+    """A scheduled re-embedding right after a new SCFT adapter must not fail: nothing is reusable."""
+    root = str(tmp_path / "runs")
+    cfg = make_cfg(root, "minilm", "embed.version=v2", "embed.incremental_from=v1", "embed.num_actors=1")
+    prepare(cfg)
+    with storage.publish(embeddings_uri(cfg, "v1"), kind="embeddings", config={}, config_hash="old") as pub:
+        pub.write_table("embeddings", pa.table({ITEM_ID: ["1"], TEXT_HASH: ["h"], "embedding": pa.array([[0.0] * 384], pa.list_(pa.float32(), 384))}))
+        pub.info.update(dim=384, encoder="an-older-adapter")
+    caplog.set_level(logging.WARNING, logger="llmemb_dist.embed")
+    uri = embed(cfg)
+    assert "no vector can be reused" in caplog.text
+    assert storage.read_manifest(uri)["counts"] == {"items": MAX_ITEMS, "new": MAX_ITEMS, "reused": 0, "removed": 0}

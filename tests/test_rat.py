@@ -9,7 +9,8 @@ import pytest
 from llmemb_dist import storage
 from llmemb_dist.config import load_config
 from llmemb_dist.evaluate import evaluate, make_split, popularity_scorer
-from llmemb_dist.prepare import prepare
+from llmemb_dist.embed_udf import EmbedActor, vectors_of
+from llmemb_dist.prepare import dataset_uri, prepare
 from llmemb_dist.rat import comparison, fit, load_llm_table, load_sequences, rat, rat_uri, train_variant
 from llmemb_dist.srs import build_model
 
@@ -36,6 +37,16 @@ def ml100k(tmp_path_factory):
     return cfg, load_sequences(cfg)
 
 
+@pytest.fixture(scope="module")
+def minilm_table(ml100k):
+    """Mean-pooled MiniLM embeddings of the ml-100k catalog, computed by the embedding stage's actor code (no Ray)."""
+    cfg, data = ml100k
+    out = EmbedActor(cfg.model, None, batch_size=64, device="cpu", num_threads=2, fault_marker=None)(
+        storage.read_table(dataset_uri(cfg), "catalog"))
+    assert out.column("item_id").to_pylist() == data.item_ids
+    return vectors_of(out)
+
+
 def test_embeddings_missing_items_or_of_another_dimension_are_clear_errors(ml100k, tmp_path):
     cfg, data = ml100k
     publish_embeddings(str(tmp_path / "partial"), data.item_ids[:-3], 16)
@@ -51,13 +62,12 @@ def test_embeddings_missing_items_or_of_another_dimension_are_clear_errors(ml100
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["sasrec", "bert4rec", "gru4rec"])
 @pytest.mark.parametrize("item_repr", ["id", "llm"])
-def test_each_backbone_beats_most_popular(ml100k, backbone, item_repr):
+def test_each_backbone_beats_most_popular(ml100k, minilm_table, backbone, item_repr):
     cfg, data = ml100k
     epochs = 16 if backbone == "bert4rec" else 8  # masked-item training learns more slowly
     cfg = load_config(None, [f"root={cfg.root}"] + FAST + [f"rat.epochs={epochs}", f"rat.patience={epochs}"])
-    # Random vectors of more dimensions than items: the adapter can place every item anywhere, so this
-    # checks the training path (frozen table, adapter, alignment), not what an LLM knows about movies.
-    llm = np.random.default_rng(0).normal(size=(data.num_items, 2048)).astype(np.float32)
+    # The real LLMEmb input: what MiniLM makes of each movie's title, year and genres.
+    llm = minilm_table
     srs = np.random.default_rng(1).normal(size=(data.num_items + 1, 64)).astype(np.float32) * 0.1
     model = build_model(cfg.rat, backbone, item_repr, data.num_items, llm)
     result = fit(model, data, cfg.rat, srs=srs if item_repr == "llm" else None)

@@ -31,7 +31,7 @@ def test_sasrec_is_causal():
 
 
 @pytest.mark.parametrize("backbone", ["sasrec", "bert4rec", "gru4rec"])
-@pytest.mark.parametrize("item_repr", ["id", "llm"])
+@pytest.mark.parametrize("item_repr", ["id", "llm", "llm_id"])
 def test_padding_width_does_not_change_the_prediction(backbone, item_repr):
     m = model(backbone, item_repr)
     short = torch.tensor([[3, 7, 9], [0, 5, 6]])
@@ -65,3 +65,20 @@ def test_alignment_loss_is_lowest_when_the_two_sides_agree():
     aligned = alignment_loss(x, x, temperature=2.0)
     shuffled = alignment_loss(x, x[torch.randperm(8)], temperature=2.0)
     assert aligned < shuffled
+
+
+def test_llm_id_starts_as_llmemb_and_learns_an_id_vector_per_seen_item():
+    m = model("sasrec", "llm_id").train()
+    items = m.items
+    assert torch.equal(items.table(), items.llm.table())  # the ID side starts at zero
+    seqs = torch.tensor([[0, 0, 3, 7, 9], [1, 2, 3, 4, 5]])
+    loss, _ = m.rec_loss(seqs, torch.Generator().manual_seed(0))
+    loss.backward()
+    grad = items.ids.weight.grad
+    assert torch.count_nonzero(grad[0]) == 0  # padding never moves
+    assert all(torch.count_nonzero(grad[k]) > 0 for k in (1, 2, 3, 4, 7))  # every input item gets its own signal
+    assert all(p.grad is not None for p in items.llm.adapter.parameters())
+    with torch.no_grad():
+        items.ids.weight[5] += 1.0
+    assert torch.allclose(items(torch.tensor([5]))[0], items.llm(torch.tensor([5]))[0] + 1.0)
+    assert torch.allclose(items.table()[5], items(torch.tensor([5]))[0], atol=1e-6)

@@ -58,9 +58,34 @@ class LlmItems(nn.Module):
         return torch.cat([torch.zeros_like(out[:1]), out[1:]])
 
 
+class LlmIdItems(nn.Module):
+    """The adapted LLM vector plus a trainable ID vector that starts at zero (item_repr 'llm_id').
+
+    The LLM side is shared by all items, so it carries what text says about rarely seen (tail)
+    items; the ID side gets gradient in proportion to an item's interactions, so it grows where
+    data supports it and lets popular (head) items move off their text to their collaborative place.
+    """
+
+    def __init__(self, llm: np.ndarray, num_items: int, hidden: int, adapter_hidden: int):
+        super().__init__()
+        self.llm = LlmItems(llm, hidden, adapter_hidden)
+        self.ids = nn.Embedding(num_items + 1, hidden, padding_idx=0)
+        nn.init.zeros_(self.ids.weight)  # at zero every item starts exactly as LLMEmb
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm(ids) + self.ids(ids)
+
+    def table(self) -> torch.Tensor:
+        return self.llm.table() + self.ids.weight
+
+
 def build_items(kind: str, num_items: int, hidden: int, adapter_hidden: int, llm: np.ndarray | None) -> nn.Module:
     if kind == "id":
         return IdItems(num_items, hidden)
     if llm is None:
-        raise ValueError("item_repr 'llm' needs the LLM embedding table")
-    return LlmItems(llm, hidden, adapter_hidden)
+        raise ValueError(f"item_repr {kind!r} needs the LLM embedding table")
+    if kind == "llm":
+        return LlmItems(llm, hidden, adapter_hidden)
+    if kind == "llm_id":
+        return LlmIdItems(llm, num_items, hidden, adapter_hidden)
+    raise ValueError(f"unknown item_repr {kind!r}")

@@ -1,0 +1,307 @@
+"""Quality benchmark: ID-only vs LLMEmb vs LLMEmb + ID (item_repr llm_id) on real data, head and tail.
+
+    python bench/quality.py --quick                  # <= 10 min: ml-100k, SASRec, MiniLM, 1 seed, capped epochs
+    python bench/quality.py                          # full grid (about 2 h+ here; resumable)
+    python bench/quality.py --datasets amazon-toys --backbones sasrec --variants id llmemb llm_id --seeds 1
+
+Every (setting, dataset, model, backbone, variant, seed) cell is trained in-process with `rat.fit`
+(early stopping on validation NDCG@10) and its result is cached in bench/.cache/quality_cells.json, so
+a rerun skips finished cells; base-model embeddings of each catalog (the embedding stage's EmbedActor,
+without Ray) and the collaborative SASRec tables used by the alignment loss are cached beside it.
+bench/results/quality.md/.json/.png are rebuilt from every cached cell after each cell.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmemb_dist import storage
+from llmemb_dist.config import Config, load_config
+from llmemb_dist.data.catalog import ITEM_ID
+from llmemb_dist.embed_udf import EmbedActor, vectors_of
+from llmemb_dist.evaluate import GROUPS, PROTOCOLS
+from llmemb_dist.prepare import dataset_uri, prepare
+from llmemb_dist.rat import fit, load_sequences
+from llmemb_dist.srs import build_model
+
+BENCH = Path(__file__).resolve().parent
+CACHE = BENCH / ".cache"
+RESULTS = BENCH / "results"
+# Relative to the repository root (run from there): a published dataset is reused wherever the checkout lives.
+SHARED = "../shared/data"
+
+DATASETS = {
+    "ml-100k": ["dataset.name=ml-100k", "dataset.format=recbole", "dataset.source=recbole:ml-100k"],
+    "amazon-toys": ["dataset.name=amazon-toys", "dataset.format=recbole", f"dataset.source={SHARED}/amazon-toys"],
+    "ml-latest-small": ["dataset.name=ml-latest-small", "dataset.format=movielens_csv",
+                        f"dataset.source={SHARED}/ml-latest-small"],
+}
+MODELS = {"minilm": ["model.path=minilm"], "smollm2": ["model.path=smollm2"]}
+# variant -> (item_repr, RAT overrides). Embeddings are of the bare base model: SCFT is not run here.
+VARIANTS = {
+    "id": ("id", []),
+    "llmemb": ("llm", []),
+    "llmemb-alpha0": ("llm", ["rat.alpha=0"]),
+    "llm_id": ("llm_id", []),
+}
+# Settings: RAT overrides shared by every cell of a run; the cell key includes the setting's name.
+SETTINGS = {
+    "quick": ["rat.max_len=50", "rat.epochs=40", "rat.patience=5"],
+    "full": ["rat.max_len=50", "rat.epochs=60", "rat.patience=5"],
+}
+METRICS = ("HR@10", "NDCG@10")
+
+log = logging.getLogger("quality")
+
+
+def base_config(dataset: str, model: str, setting: str, extra: list[str]) -> Config:
+    return load_config(None, [f"root={CACHE / 'runs'}", "ray.num_cpus=2"] + DATASETS[dataset] + MODELS[model]
+                       + SETTINGS[setting] + extra)
+
+
+def llm_table(cfg: Config, dataset: str, model: str, item_ids: list[str]) -> np.ndarray:
+    """Base-model embeddings of the catalog, row k - 1 for item k, through the embedding stage's actor code."""
+    path = CACHE / "emb" / f"{dataset}-{model}.npy"
+    if not path.exists():
+        catalog = storage.read_table(dataset_uri(cfg), "catalog")
+        started = time.perf_counter()
+        log.info("embedding %d %s items with %s (cached in %s)", catalog.num_rows, dataset, model, path)
+        actor = EmbedActor(cfg.model, None, batch_size=cfg.embed.batch_size, device="cpu", num_threads=2, fault_marker=None)
+        out = actor(catalog)
+        row = {item: i for i, item in enumerate(out.column(ITEM_ID).to_pylist())}
+        vectors = vectors_of(out)[[row[item] for item in catalog.column(ITEM_ID).to_pylist()]]
+        log.info("embedded in %.0f s", time.perf_counter() - started)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, vectors)
+        (path.with_suffix(".ids.json")).write_text(json.dumps(catalog.column(ITEM_ID).to_pylist()))
+    if json.loads(path.with_suffix(".ids.json").read_text()) != item_ids:
+        raise storage.DataError(f"{path}: cached embeddings are of another catalog order; delete the file")
+    return np.load(path)
+
+
+def train_cell(cfg: Config, data, backbone: str, variant: str, llm: np.ndarray | None, srs: np.ndarray | None,
+               budget_s: float = 0.0):
+    """Trains one cell to early stopping, or until `budget_s` seconds (0 = none) have passed: the last epoch
+    that ends past the budget is the last one, and the cell records that it was cut."""
+    item_repr, _ = VARIANTS[variant]
+    model = build_model(cfg.rat, backbone, item_repr, data.num_items, llm)
+    started = time.perf_counter()
+    cut = []
+
+    def stop_when_over_budget(state: dict) -> None:
+        if budget_s and time.perf_counter() - started > budget_s and state["bad_epochs"] < cfg.rat.patience:
+            cut.append(state["epoch"])
+            state["bad_epochs"] = cfg.rat.patience  # fit's loop ends as if patience ran out
+
+    result = fit(model, data, cfg.rat, srs=srs if item_repr != "id" else None, on_epoch=stop_when_over_budget)
+    summary = {"cut_by_time_budget": bool(cut), "test": result.test, "valid": result.valid, "best_epoch": result.best_epoch, "epochs": len(result.history),
+               "seconds": time.perf_counter() - started,
+               "epoch_seconds": statistics.median(h["train_seconds"] for h in result.history)}
+    return model, summary
+
+
+def run(args: argparse.Namespace, command: str) -> None:
+    cells_file = CACHE / args.cells
+    cells = all_cells()
+    mine = json.loads(cells_file.read_text()) if cells_file.exists() else {}
+    setting = "quick" if args.quick else "full"
+    tag = " ".join([setting] + SETTINGS[setting] + args.set)  # changed settings make other cells
+
+    def save(key: str, summary: dict) -> None:
+        cells[key] = mine[key] = {**summary, "command": command}
+        log.info("cell %s: test sampled NDCG@10 overall %.4f head %.4f tail %.4f (best epoch %d of %d)",
+                 key, *(summary["test"]["sampled"][g]["NDCG@10"] for g in ("overall", "head", "tail")),
+                 summary["best_epoch"], summary["epochs"])
+        cells_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cells_file.with_suffix(".tmp")  # parallel runs read every cells file: never show them half of one
+        tmp.write_text(json.dumps(mine, indent=1))
+        tmp.replace(cells_file)
+        write_results(cells)
+
+    for dataset in args.datasets:
+        for seed in range(1, args.seeds + 1):
+            seed_args = [f"rat.seed={seed}"] + args.set
+            cfg = base_config(dataset, "minilm", setting, seed_args)
+            prepare(cfg)
+            data = load_sequences(cfg)
+            if args.embed_only:  # datasets and embeddings only, e.g. to carry them to a bigger machine
+                for model_name in args.models:
+                    llm_table(base_config(dataset, model_name, setting, seed_args), dataset, model_name, data.item_ids)
+                continue
+            srs_path = CACHE / "srs" / f"{tag}-{dataset}-seed{seed}.npy".replace(" ", "_").replace("/", "_")
+            id_key = "|".join([tag, dataset, "-", "sasrec", "id", f"seed{seed}"])
+            if (id_key not in cells and "id" in args.variants and "sasrec" in args.backbones) or (
+                    not srs_path.exists() and set(args.variants) - {"id"}):
+                # The ID-only SASRec is the baseline and gives the alignment loss its collaborative table.
+                log.info("cell %s", id_key)
+                collab, summary = train_cell(cfg, data, "sasrec", "id", None, None, args.cell_minutes * 60)
+                srs_path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(srs_path, collab.items.table().detach().numpy())
+                save(id_key, summary)
+            for model_name in args.models:
+                for backbone in args.backbones:
+                    for variant in args.variants:
+                        if variant == "id" and model_name != args.models[0]:
+                            continue  # the ID model does not depend on the base model
+                        name = "-" if variant == "id" else model_name
+                        key = "|".join([tag, dataset, name, backbone, variant, f"seed{seed}"])
+                        if key in cells:
+                            continue
+                        cfg = base_config(dataset, model_name, setting, seed_args + VARIANTS[variant][1])
+                        llm = None if variant == "id" else llm_table(cfg, dataset, model_name, data.item_ids)
+                        srs = None if variant == "id" else np.load(srs_path)
+                        log.info("cell %s", key)
+                        save(key, train_cell(cfg, data, backbone, variant, llm, srs, args.cell_minutes * 60)[1])
+    if cells:
+        write_results(cells)
+
+
+# ---------------------------------------------------------------- report
+
+
+def all_cells() -> dict:
+    """Every finished cell, from every cells file (parallel runs each write their own)."""
+    cells: dict = {}
+    for f in sorted(CACHE.glob("quality_cells*.json")):
+        cells.update(json.loads(f.read_text()))
+    return cells
+
+
+def aggregate(cells: dict) -> dict:
+    """{(setting, dataset, model, backbone, variant): {"seeds", "epochs", "mean"/"std": {protocol: {group: {metric}}}}}."""
+    groups: dict[tuple, list[dict]] = {}
+    for key, cell in cells.items():
+        setting, dataset, model, backbone, variant, _ = key.split("|")
+        groups.setdefault((setting, dataset, model, backbone, variant), []).append(cell)
+    out = {}
+    for k, runs in sorted(groups.items()):
+        stat = {"mean": {}, "std": {}}
+        for p in PROTOCOLS:
+            for s in stat.values():
+                s[p] = {}
+            for g in GROUPS:
+                values = {m: [r["test"][p][g][m] for r in runs] for m in METRICS}
+                stat["mean"][p][g] = {m: float(np.mean(v)) for m, v in values.items()}
+                stat["std"][p][g] = {m: float(np.std(v)) for m, v in values.items()}
+        out[k] = {"seeds": len(runs), "best_epochs": [r["best_epoch"] for r in runs], "epochs": [r["epochs"] for r in runs],
+                  "epoch_seconds": float(np.median([r["epoch_seconds"] for r in runs])),
+                  "cut_by_time_budget": any(r.get("cut_by_time_budget", False) for r in runs), **stat,
+                  "commands": sorted({r["command"] for r in runs})}
+    return out
+
+
+def ratios(agg: dict, setting: str, dataset: str, model: str) -> list[str]:
+    """Headline ratios against ID-only SASRec: sampled NDCG@10, tail / head / overall."""
+    base = agg.get((setting, dataset, "-", "sasrec", "id"))
+    lines = []
+    for variant in VARIANTS:
+        row = agg.get((setting, dataset, model, "sasrec", variant))
+        if base is None or row is None or variant == "id":
+            continue
+        r = [row["mean"]["sampled"][g]["NDCG@10"] / max(base["mean"]["sampled"][g]["NDCG@10"], 1e-12)
+             for g in ("tail", "head", "overall")]
+        lines.append(f"| {variant} ({model}) | {r[0]:.2f}x | {r[1]:.2f}x | {r[2]:.2f}x |")
+    return lines
+
+
+def write_results(cells: dict) -> None:
+    agg = aggregate(cells)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "quality.json").write_text(json.dumps(
+        {"cells": cells, "aggregate": {"|".join(k): v for k, v in agg.items()}, "settings": SETTINGS}, indent=1))
+    commands = sorted({c for v in agg.values() for c in v["commands"]})
+    lines = ["# Quality: ID-only vs LLMEmb vs LLMEmb + ID on real data", "",
+             "Produced by (each cell records its command; cells are cached and the report covers all of them):", ""]
+    lines += [f"- `{c}`" for c in commands]
+    lines += ["", "Test metrics, mean ± std over seeds (n = seeds). Head = the top 20 % of items by training interactions,",
+              "tail = the rest; short users have at most 10 training events. `sampled` = the true item among 100 sampled",
+              "negatives (the paper's protocol); `full` = ranking the whole catalog minus the user's inputs.",
+              "Embeddings are mean-pooled from the bare base model (no SCFT). `(cut)`: training was stopped by the",
+              "--cell-minutes time budget, not by early stopping (not converged). A section's title names its setting",
+              "and the config overrides of all its cells; other RAT fields are at their defaults (rat.hidden 128, 2 layers,",
+              "dropout 0.5, lr 1e-3, batch 128, alpha 0.01, adapter_hidden 768)."]
+    keys = sorted({k[:2] for k in agg})
+    for setting, dataset in keys:
+        lines += ["", f"## {dataset} ({setting})", "", "SASRec NDCG@10 (sampled) relative to ID-only SASRec:", "",
+                  "| variant | tail | head | overall |", "|---|---|---|---|"]
+        for model in sorted({k[2] for k in agg if k[:2] == (setting, dataset)} - {"-"}):
+            lines += ratios(agg, setting, dataset, model)
+        for p in PROTOCOLS:
+            lines += ["", f"### {p}", "",
+                      "| model | backbone | variant | n | best epoch | epoch s | "
+                      + " | ".join(f"{g} {m}" for g in GROUPS for m in METRICS) + " |",
+                      "|" + "---|" * (6 + len(GROUPS) * len(METRICS))]
+            for k, v in agg.items():
+                if k[:2] != (setting, dataset):
+                    continue
+                vals = " | ".join(f"{v['mean'][p][g][m]:.4f} ± {v['std'][p][g][m]:.4f}" for g in GROUPS for m in METRICS)
+                lines.append(f"| {k[2]} | {k[3]} | {k[4]} | {v['seeds']} | {'/'.join(map(str, v['best_epochs']))} of "
+                             f"{'/'.join(map(str, v['epochs']))}{' (cut)' if v['cut_by_time_budget'] else ''} | "
+                             f"{v['epoch_seconds']:.1f} | {vals} |")
+    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+    plot(agg, RESULTS / "quality.png")
+
+
+def plot(agg: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({k[:2] for k in agg})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (setting, dataset) in zip(axes[0], panels):
+        rows = [(k, v) for k, v in agg.items() if k[:2] == (setting, dataset) and k[3] == "sasrec"]
+        width = 0.8 / max(1, len(rows))
+        for i, (k, v) in enumerate(rows):
+            groups = ("overall", "head", "tail")
+            ax.bar(np.arange(3) + i * width, [v["mean"]["sampled"][g]["NDCG@10"] for g in groups], width,
+                   yerr=[v["std"]["sampled"][g]["NDCG@10"] for g in groups], label=f"{k[4]} ({k[2]})")
+        ax.set_xticks(np.arange(3) + 0.4 - width / 2, ["overall", "head", "tail"])
+        ax.set_title(f"SASRec, {dataset} ({setting}), sampled")
+        ax.set_ylabel("test NDCG@10")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="ml-100k, SASRec, MiniLM, 1 seed, quick setting")
+    parser.add_argument("--datasets", nargs="+", choices=list(DATASETS))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS))
+    parser.add_argument("--backbones", nargs="+", choices=["sasrec", "bert4rec", "gru4rec"])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int)
+    parser.add_argument("--embed-only", action="store_true", help="prepare datasets and cache embeddings, train nothing")
+    parser.add_argument("--cell-minutes", type=float, default=0.0,
+                        help="stop a cell after the epoch that passes this many minutes (0 = early stopping only)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--cells", default="quality_cells.json",
+                        help="cells file under bench/.cache this run writes (all quality_cells*.json are read)")
+    parser.add_argument("--set", nargs="*", default=[], help="extra config overrides (key=value) for every cell")
+    args = parser.parse_args()
+    quick = args.quick
+    args.datasets = args.datasets or (["ml-100k"] if quick else ["ml-100k", "ml-latest-small", "amazon-toys"])
+    args.models = args.models or (["minilm"] if quick else ["minilm", "smollm2"])
+    args.backbones = args.backbones or (["sasrec"] if quick else ["sasrec", "bert4rec", "gru4rec"])
+    args.variants = args.variants or (["id", "llmemb", "llm_id"] if quick else list(VARIANTS))
+    args.seeds = args.seeds or (1 if quick else 3)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    run(args, "python bench/quality.py " + shlex.join(sys.argv[1:]))
+    print((RESULTS / "quality.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
