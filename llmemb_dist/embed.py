@@ -216,11 +216,12 @@ def _previous_pca(plan: Plan) -> dict | None:
 # ---------------------------------------------------------------- Ray Data
 
 
-def _read(uris: list[str], columns: list[str] | None = None):
+def _read(uris: list[str], columns: list[str] | None = None, min_blocks: int = 0):
     import ray
 
     fs, _ = storage.resolve(uris[0])
-    return ray.data.read_parquet([storage.resolve(u)[1] for u in uris], filesystem=fs, columns=columns)
+    blocks = {"override_num_blocks": max(len(uris), min_blocks)} if min_blocks else {}
+    return ray.data.read_parquet([storage.resolve(u)[1] for u in uris], filesystem=fs, columns=columns, **blocks)
 
 
 def _read_keys(files: list[str]) -> pa.Table:
@@ -237,7 +238,9 @@ def _embedded(cfg: Config, plan: Plan, adapter: tuple[str, dict] | None, txn: st
     from ray.data import ActorPoolStrategy
 
     e = cfg.embed
-    catalog = _read(plan.catalog_files)
+    # Ray Data reads a small catalog as one block, which would leave all but one actor idle: ask for a
+    # few read tasks per actor (splitting files at read time keeps the pipeline streaming).
+    catalog = _read(plan.catalog_files, min_blocks=e.num_actors * 4)
     if plan.reused:
         catalog = catalog.map_batches(keep_rows, fn_kwargs={"ids_ref": ray.put(plan.reused_ids), "keep": False}, batch_format="pyarrow")
     marker = str(Path(tempfile.gettempdir()) / f"llmemb-embed-fault-{txn}") if e.fail_actor_once else None

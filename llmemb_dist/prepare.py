@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 
 from llmemb_dist import storage
 from llmemb_dist.config import Config, config_hash, to_dict
@@ -34,7 +35,10 @@ def prepare(cfg: Config, overwrite: bool = False) -> str:
         raise storage.AlreadyPublished(
             f"{uri} is published from another dataset config; use another dataset.name or overwrite"
         )
-    items, inter = read_dataset(cfg.dataset.format, cfg.dataset.source, cfg.dataset.metadata)
+    with tempfile.TemporaryDirectory() as tmp:
+        items, inter = read_dataset(
+            cfg.dataset.format, _local(cfg.dataset.source, tmp), _local(cfg.dataset.metadata, tmp)
+        )
     source = cfg.dataset.source
     validate_catalog(items, f"{source} (items)")
     validate_interactions(inter, set(items[ITEM_ID]), f"{source} (interactions)")
@@ -54,3 +58,13 @@ def prepare(cfg: Config, overwrite: bool = False) -> str:
         pub.info["counts"] = counts
     log.info("published dataset %s: %s", uri, counts)
     return uri
+
+
+def _local(source: str, tmp: str) -> str:
+    """Raw files on object storage are copied to a local folder first; the importers read local files."""
+    if not source or "://" not in source:
+        return source
+    try:
+        return str(storage.download(source, tmp))
+    except FileNotFoundError as e:
+        raise storage.DataError(f"dataset.source: {e}") from None

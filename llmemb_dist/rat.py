@@ -229,8 +229,9 @@ def _train_worker(config: dict) -> None:
             return
         log.info("resuming %s at epoch %d", config["variant"], state["epoch"])
 
-    def report_state(st: dict) -> None:
-        metrics = {"epoch": st["epoch"], **st["history"][-1]}
+    def report_state(st: dict, metrics: dict | None = None) -> None:
+        """Reports metrics; rank 0 also checkpoints the state (every rank holds the same DDP state)."""
+        metrics = metrics or {"epoch": st["epoch"], **st["history"][-1]}
         if rank != 0:
             ray.train.report(metrics)
             return
@@ -242,13 +243,7 @@ def _train_worker(config: dict) -> None:
     result = fit(model, config["data"], rcfg, srs=config["srs"], state=state, on_epoch=report_state, rank=rank, world=world)
     final = {"done": True, "epoch": len(result.history), "best_state": result.best_state, "best_epoch": result.best_epoch,
              "valid": result.valid, "test": result.test, "history": result.history}
-    report_state_final = {"epoch": final["epoch"], "done": True}
-    if rank != 0:
-        ray.train.report(report_state_final)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        torch.save(final, Path(d) / STATE_FILE)
-        ray.train.report(report_state_final, checkpoint=ray.train.Checkpoint.from_directory(d))
+    report_state(final, {"epoch": final["epoch"], "done": True})
 
 
 def train_variant(cfg: Config, data: Sequences, backbone: str, item_repr: str, *,

@@ -72,6 +72,10 @@ def load_shard(rank: int) -> list[list[tuple[str, str]]]:
     import pyarrow as pa
     import ray.train
 
+    from ray.data import DataContext
+
+    # The shard is read once; a progress bar left behind keeps repainting from the idle worker process.
+    DataContext.get_current().enable_progress_bars = False
     shard = ray.train.get_dataset_shard(f"catalog_{rank}")
     table = pa.concat_tables(list(shard.iter_batches(batch_format="pyarrow", batch_size=None)))
     table = table.sort_by(ITEM_ID)  # block order may vary between runs; the row order must not
@@ -132,6 +136,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if step == s.fail_at_step and rank == 0 and not storage.exists(fault_marker):
             storage.write_bytes(fault_marker, b"")  # once per run, even if we resume before this step
             raise InjectedFault(f"scft.fail_at_step: injected failure at step {step}")
+        # LoRA dropout draws from torch's global generator, which a checkpoint does not hold: seeding it
+        # from (seed, rank, step) makes a resumed run draw the same masks as an uninterrupted one.
+        torch.manual_seed(s.seed * 1_000_003 + rank * 10_007 + step)
         idx = batch_indices(len(items), s.batch_size, step, s.seed, rank)
         prompts_a, prompts_b = views.prompts(idx, step)
         view_a = {k: v.to(device) for k, v in tokenize(tokenizer, prompts_a, cfg.model.max_length).items()}

@@ -188,6 +188,21 @@ def upload_dir(local_dir: str | Path, uri: str) -> list[str]:
     return rel_paths
 
 
+def download(uri: str, local_dir: str | Path) -> Path:
+    """Copies a file or folder from a URI into `local_dir`, keeping its name; returns the local path."""
+    fs, path = resolve(uri)
+    with _storage_errors(uri):
+        kind = fs.get_file_info(path).type
+    target = Path(local_dir) / path.rstrip("/").rsplit("/", 1)[-1]
+    if kind == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no such file or folder: {uri}")
+    if kind == pafs.FileType.Directory:
+        return download_dir(uri, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(read_bytes(uri))
+    return target
+
+
 def download_dir(uri: str, local_dir: str | Path) -> Path:
     """Copies a folder from a URI to a local folder (written beside, then renamed into place)."""
     fs, path = resolve(uri)

@@ -3,15 +3,16 @@ nothing but the moto S3 server, a node lost mid-run, and a request the cluster c
 
 The model is uploaded to S3 and named by its s3:// URI, so every node fetches it into its own
 cache folder (conftest.MultiNode); nothing relies on a path that exists on only one node.
-A node is removed from a background thread once storage shows the run is past a point that
-is reached mid-run by construction (a registered checkpoint, model replicas loaded), and the
-tests assert only what must then hold, whatever the exact moment of the loss.
+The run goes on a background thread while the test's thread removes a node once storage
+shows the run past a point reached mid-run by construction (a registered checkpoint, model
+replicas loading), and the tests assert only what must then hold, whatever the exact moment.
 """
 from __future__ import annotations
 
 import re
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -39,11 +40,10 @@ def model_uri(root: str, model_dir: Path) -> str:
 
 
 def make_cfg(root: str, model: str, driver_cache: Path, *overrides: str) -> Config:
-    # LoRA dropout draws from torch's global RNG, which a checkpoint does not restore: with it,
-    # a resumed run trains on other dropout masks than an uninterrupted one.
+    # LoRA dropout stays on (0.1): a resumed run must draw the same masks as an uninterrupted one.
     return load_config(None, [
         f"root={root}", "dataset.num_shards=2", f"model.path={model}", f"model.cache_dir={driver_cache}",
-        "model.max_length=48", "model.lora.dropout=0", *overrides,
+        "model.max_length=48", *overrides,
     ])
 
 
@@ -61,39 +61,44 @@ def holds_model(cache: Path) -> bool:
     return any(cache.glob("*/config.json"))
 
 
-class NodeLoss(threading.Thread):
-    """Once `ready()` is true, removes worker node `victim` and adds a replacement.
+class Background(threading.Thread):
+    """Runs a stage on another thread: Ray can add a node only from the main thread."""
 
-    It records whether the output was still unpublished when the node went (so the loss
-    happened mid-run) and which nodes took part.
-    """
-
-    def __init__(self, nodes, ready: Callable[[], bool], published_uri: str):
+    def __init__(self, fn: Callable, *args):
         super().__init__(daemon=True)
-        self.nodes, self.ready, self.published_uri = nodes, ready, published_uri
-        self.victim = nodes.workers[0]
-        self.replacement = None
-        self.unpublished_at_loss: bool | None = None
-        self.error: BaseException | None = None
+        self.fn, self.args = fn, args
+        self.result, self.error = None, None
 
     def run(self) -> None:
         try:
-            deadline = time.monotonic() + WAIT_S
-            while not self.ready():
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the run never reached the point where a node is to be lost")
-                time.sleep(0.2)
-            self.unpublished_at_loss = not storage.is_published(self.published_uri)
-            self.nodes.remove_node(self.victim)
-            self.replacement = self.nodes.add_node()
-        except BaseException as e:  # noqa: BLE001 - reported by finish() on the test's thread
+            self.result = self.fn(*self.args)
+        except BaseException as e:  # noqa: BLE001 - raised again by outcome() on the test's thread
             self.error = e
 
-    def finish(self) -> None:
+    def outcome(self):
         self.join(timeout=WAIT_S)
+        assert not self.is_alive(), "the run did not finish after the node was replaced"
         if self.error:
             raise self.error
-        assert self.replacement is not None, "the node was never replaced"
+        return self.result
+
+
+@dataclass
+class NodeLoss:
+    unpublished: bool  # the output was not yet published when the node went: the loss was mid-run
+    replacement: object
+
+
+def lose_a_node(nodes, run: Background, ready: Callable[[], bool], published_uri: str) -> NodeLoss:
+    """Once `ready()`, removes a worker node (its raylet and every process on it) and adds a fresh one."""
+    deadline = time.monotonic() + WAIT_S
+    while not ready():
+        assert run.is_alive(), f"the run ended before the point where a node is to be lost: {run.error!r}"
+        assert time.monotonic() < deadline, "the run never reached the point where a node is to be lost"
+        time.sleep(0.2)
+    unpublished = not storage.is_published(published_uri)
+    nodes.remove_node(nodes.workers[0])
+    return NodeLoss(unpublished, nodes.add_node())
 
 
 def published_metrics(cfg: Config) -> list[dict]:
@@ -122,12 +127,12 @@ def test_scft_zero3_loses_a_node_resumes_from_s3_and_equals_an_uninterrupted_run
     lossy = scft_cfg(s3_root, model, tmp_path / "driver-cache", run="lossy")
     # Ray Train writes its snapshot once the first checkpoint (step 4 of 8) is registered.
     snapshot = storage.join(run_dir_uri(lossy), "checkpoints", "checkpoint_manager_snapshot.json")
-    loss = NodeLoss(nodes, lambda: storage.exists(snapshot), adapter_uri(lossy))
-    loss.start()
-    scft(lossy)
-    loss.finish()
+    run = Background(scft, lossy)
+    run.start()
+    loss = lose_a_node(nodes, run, lambda: storage.exists(snapshot), adapter_uri(lossy))
+    run.outcome()
 
-    assert loss.unpublished_at_loss  # the node went mid-run
+    assert loss.unpublished
     # A worker restarted on the new node: it fetched the model from S3 and the state from the checkpoint.
     assert holds_model(nodes.caches[loss.replacement.node_id])
     manifest = storage.read_manifest(adapter_uri(lossy))
@@ -155,12 +160,12 @@ def test_embedding_with_one_actor_per_node_survives_a_node_loss(ray_multinode, s
     prepare(cfg)
     caches = [nodes.caches[n.node_id] for n in nodes.workers]
     # Both replicas are loading the model: the job has started and has all its work ahead.
-    loss = NodeLoss(nodes, lambda: all(holds_model(c) for c in caches), embeddings_uri(cfg))
-    loss.start()
-    uri = embed(cfg)
-    loss.finish()
+    run = Background(embed, cfg)
+    run.start()
+    loss = lose_a_node(nodes, run, lambda: all(holds_model(c) for c in caches), embeddings_uri(cfg))
+    uri = run.outcome()
 
-    assert loss.unpublished_at_loss
+    assert loss.unpublished
     assert holds_model(nodes.caches[loss.replacement.node_id])  # the lost actor was restarted there
     catalog = storage.read_table(dataset_uri(cfg), "catalog")
     assert storage.read_manifest(uri)["counts"]["items"] == catalog.num_rows == 400

@@ -174,3 +174,16 @@ def test_launch_script_reports_errors_cleanly(tmp_path):
                           f"root={tmp_path}", "dataset.max_items=50"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert storage.read_manifest(str(tmp_path / "datasets" / "ml-100k"))["counts"]["items"] == 50
+
+
+def test_raw_files_on_s3_are_imported(tmp_path, s3_root):
+    """Production keeps the raw Amazon files in the bucket too (configs/scft_llama7b.yaml)."""
+    raw = storage.join(s3_root, "raw")
+    for name in ("reviews_Beauty_5.json", "meta_Beauty.json"):
+        storage.write_bytes(storage.join(raw, name), (FIXTURES / "amazon2014" / name).read_bytes())
+    uri = prepare(_cfg(s3_root, name="amz", format="amazon", source=storage.join(raw, "reviews_Beauty_5.json"),
+                       metadata=storage.join(raw, "meta_Beauty.json")))
+    assert _counts(uri) == {"users": 6, "items": 6, "interactions": 24}
+    with pytest.raises(DataError, match="dataset.source: no such file"):
+        prepare(_cfg(s3_root, name="amz2", format="amazon", source=storage.join(raw, "absent.json"),
+                     metadata=storage.join(raw, "meta_Beauty.json")))
