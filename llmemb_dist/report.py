@@ -15,7 +15,10 @@ GROUPS = ("overall", "head", "tail", "short", "long")
 def comparison_markdown(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no results)"
-    cols = list(rows[0])
+    # Rows may come back from a JSON manifest with sorted keys: put names first and groups in GROUPS order.
+    first = [c for c in ("model", "protocol", "group") if c in rows[0]]
+    rank = {g: i for i, g in enumerate(GROUPS)}
+    cols = first + sorted((c for c in rows[0] if c not in first), key=lambda c: (rank.get(c.split()[0], len(rank)), c))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
         lines.append("| " + " | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")

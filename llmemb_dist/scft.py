@@ -76,7 +76,12 @@ def read_catalog_shards(cfg: Config) -> dict:
             f"scft.batch_size {cfg.scft.batch_size} is larger than a worker's shard "
             f"({ds.count()} items / {workers} workers = {per_worker})"
         )
-    return {f"catalog_{rank}": shard for rank, shard in enumerate(ds.split(workers, equal=True))}
+    shards = ds.split(workers, equal=True)
+    for shard in shards:
+        # Each worker reads its shard once; a progress bar left behind keeps repainting from the idle
+        # worker process for the rest of the job.
+        shard.context.enable_progress_bars = False
+    return {f"catalog_{rank}": shard for rank, shard in enumerate(shards)}
 
 
 def scft(cfg: Config) -> str:

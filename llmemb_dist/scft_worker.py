@@ -72,10 +72,6 @@ def load_shard(rank: int) -> list[list[tuple[str, str]]]:
     import pyarrow as pa
     import ray.train
 
-    from ray.data import DataContext
-
-    # The shard is read once; a progress bar left behind keeps repainting from the idle worker process.
-    DataContext.get_current().enable_progress_bars = False
     shard = ray.train.get_dataset_shard(f"catalog_{rank}")
     table = pa.concat_tables(list(shard.iter_batches(batch_format="pyarrow", batch_size=None)))
     table = table.sort_by(ITEM_ID)  # block order may vary between runs; the row order must not
