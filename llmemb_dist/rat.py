@@ -295,7 +295,8 @@ def rat(cfg: Config) -> str:
 
     out_uri = rat_uri(cfg)
     rcfg = cfg.rat
-    emb_uri = embeddings_uri(cfg) if rcfg.item_repr == "llm" else ""
+    uses_llm = rcfg.item_repr != "id"
+    emb_uri = embeddings_uri(cfg) if uses_llm else ""
     # The exact upstream versions: a re-published dataset or embeddings version means new inputs.
     inputs = {"dataset": dataset_uri(cfg), "dataset_data": storage.read_manifest(dataset_uri(cfg))["data_dir"],
               "embeddings": emb_uri, "embeddings_data": storage.read_manifest(emb_uri)["data_dir"] if emb_uri else ""}
@@ -308,18 +309,18 @@ def rat(cfg: Config) -> str:
     data = load_sequences(cfg)
     log.info("%d users (%d dropped with < 3 events), %d items", len(data.seqs), data.dropped_users, data.num_items)
     llm = None
-    if rcfg.item_repr == "llm":
+    if uses_llm:
         llm = load_llm_table(emb_uri, data.item_ids, rcfg.embedding_dim)
     init_ray(cfg.ray)
     # The collaborative SASRec is the ID-only baseline too: trained once, used twice.
     baseline, baseline_final = train_variant(cfg, data, rcfg.backbone, "id")
     variants = {f"{rcfg.backbone}-id": _summary(baseline_final)}
     model, main = baseline, f"{rcfg.backbone}-id"
-    if rcfg.item_repr == "llm":
+    if uses_llm:
         collab = baseline if rcfg.backbone == "sasrec" else train_variant(cfg, data, "sasrec", "id")[0]
         srs = collab.items.table().detach().numpy()
-        model, final = train_variant(cfg, data, rcfg.backbone, "llm", llm=llm, srs=srs)
-        main = f"{rcfg.backbone}-llm"
+        model, final = train_variant(cfg, data, rcfg.backbone, rcfg.item_repr, llm=llm, srs=srs)
+        main = f"{rcfg.backbone}-{rcfg.item_repr}"
         variants[main] = _summary(final)
     metrics = {"main": main, "baseline": f"{rcfg.backbone}-id", "dropped_users": data.dropped_users,
                "users": len(data.seqs), "items": data.num_items, "variants": variants}

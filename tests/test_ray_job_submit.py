@@ -30,7 +30,9 @@ def ray_head():
     cmd += [f"--{name}={port}" for name, port in ports.items()]
     # Ray 2.60 turns token authentication on: the head writes ~/.ray/auth_token, and the client
     # must set RAY_AUTH_MODE=token to send it.
-    env = dict(os.environ, RAY_AUTH_MODE="token")
+    # The entrypoint's `python` is looked up on the head's PATH: put this environment's first, as
+    # activating the virtual environment before `ray start` would.
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     log = open(Path(temp_dir) / "head.log", "w")
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
