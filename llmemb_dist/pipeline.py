@@ -17,9 +17,9 @@ from llmemb_dist.cluster import init_ray
 from llmemb_dist.config import Config, to_dict
 from llmemb_dist.embed import embed
 from llmemb_dist.prepare import prepare
-from llmemb_dist.rat import comparison, rat, rat_uri
+from llmemb_dist.rat import rat
 from llmemb_dist.report import comparison_markdown
-from llmemb_dist.scft import adapter_uri, scft
+from llmemb_dist.scft import scft
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,10 @@ def pipeline(cfg: Config) -> str:
         t = time.time()
         outputs[name] = stage(cfg)
         log.info("stage %d/%d %s: done in %.0f s -> %s", i, len(STAGES), name, time.time() - t, outputs[name])
-    uri = publish_report(cfg, outputs)
-    rows = comparison(cfg)
-    item_embeddings = storage.join(storage.data_uri(rat_uri(cfg)), "item_embeddings")
+    manifests = {name: storage.read_manifest(out) for name, out in outputs.items()}
+    uri = publish_report(cfg, outputs, manifests)
+    rows = manifests["rat"]["metrics"]
+    item_embeddings = storage.join(storage.data_uri(outputs["rat"], manifests["rat"]), "item_embeddings")
     print(
         f"\nAdapted item embeddings (the product): {item_embeddings}\n"
         f"LLM item embeddings: {outputs['embed']}\nReport: {storage.join(storage.data_uri(uri), 'report.md')}\n\n"
@@ -56,17 +57,17 @@ def pipeline(cfg: Config) -> str:
     return uri
 
 
-def publish_report(cfg: Config, outputs: dict[str, str]) -> str:
+def publish_report(cfg: Config, outputs: dict[str, str], manifests: dict[str, dict]) -> str:
     """report.md with the comparison table and the PNGs of SCFT (loss) and RAT (validation, head/tail)."""
     uri = report_uri(cfg)
-    inputs = {name: storage.read_manifest(out)["data_dir"] for name, out in outputs.items()}
+    inputs = {name: manifest["data_dir"] for name, manifest in manifests.items()}
     if storage.is_published(uri) and storage.read_manifest(uri)["inputs"] == inputs:
         log.info("report %s is already published from these outputs: nothing to do", uri)
         return uri
-    scft_data = storage.data_uri(adapter_uri(cfg))
-    rat_data = storage.data_uri(rat_uri(cfg))
+    scft_data = storage.data_uri(outputs["scft"], manifests["scft"])
+    rat_data = storage.data_uri(outputs["rat"], manifests["rat"])
     with tempfile.TemporaryDirectory() as tmp, storage.publish(
-        uri, kind="report", config=to_dict(cfg), config_hash=storage.read_manifest(rat_uri(cfg))["config_hash"],
+        uri, kind="report", config=to_dict(cfg), config_hash=manifests["rat"]["config_hash"],
         inputs=inputs, overwrite=True,
     ) as pub:
         folder = Path(tmp)
@@ -75,12 +76,12 @@ def publish_report(cfg: Config, outputs: dict[str, str]) -> str:
         pngs = sorted(p.relative_to(folder) for p in folder.rglob("*.png"))
         pub.upload_dir(folder / "scft", "scft")
         pub.upload_dir(folder / "rat", "rat")
-        pub.write_text("report.md", _report_markdown(cfg, outputs, pngs))
+        pub.write_text("report.md", _report_markdown(cfg, outputs, manifests, pngs))
     return uri
 
 
-def _report_markdown(cfg: Config, outputs: dict[str, str], pngs: list[Path]) -> str:
-    scft_manifest = storage.read_manifest(outputs["scft"])
+def _report_markdown(cfg: Config, outputs: dict[str, str], manifests: dict[str, dict], pngs: list[Path]) -> str:
+    scft_manifest = manifests["scft"]
     lines = [
         f"# llmemb-dist pipeline report: {cfg.dataset.name}, {cfg.model.path}\n",
         "| stage | output |",
@@ -90,7 +91,7 @@ def _report_markdown(cfg: Config, outputs: dict[str, str], pngs: list[Path]) -> 
         f"SCFT: {scft_manifest['steps']} steps on {scft_manifest['workers']} workers, "
         f"final loss {scft_manifest['final_loss']:.4f}.\n",
         "## ID-only against LLMEmb (test split)\n",
-        comparison_markdown(comparison(cfg)),
+        comparison_markdown(manifests["rat"]["metrics"]),
         "",
         *[f"![{p.stem}]({p.as_posix()})\n" for p in pngs],
         "Every group (short and long users too) under both protocols: [rat/report.md](rat/report.md).",
