@@ -120,7 +120,8 @@ class RatConfig:
     embeddings: str = "default"  # an embeddings version under <root>/embeddings, or a URI
     embedding_dim: int = 0  # expected LLM embedding dimension; 0 = take it from the embeddings
     backbone: Literal["sasrec", "bert4rec", "gru4rec"] = "sasrec"
-    item_repr: Literal["id", "llm", "llm_id"] = "llm"  # llm_id: adapted LLM vector + ID vector (srs/items.py)
+    # llm_id: adapted LLM vector + ID vector; llm_frozen: PCA of the LLM table, nothing trained (srs/items.py)
+    item_repr: Literal["id", "llm", "llm_id", "llm_frozen"] = "llm"
     hidden: int = 128
     layers: int = 2
     heads: int = 1

@@ -70,9 +70,10 @@ def make_split(data: Sequences, name: str, cfg: EvalConfig) -> EvalSplit:
 
 
 @torch.no_grad()
-def ranks(scorer: Scorer, split: EvalSplit, users: np.ndarray, max_len: int, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """0-based rank of each user's true item under both protocols, for the given users."""
-    out = {p: np.zeros(len(users), dtype=np.int64) for p in PROTOCOLS}
+def ranks(scorer: Scorer, split: EvalSplit, users: np.ndarray, max_len: int, batch_size: int = 256,
+          protocols: tuple[str, ...] = PROTOCOLS) -> dict[str, np.ndarray]:
+    """0-based rank of each user's true item under `protocols`, for the given users."""
+    out = {p: np.zeros(len(users), dtype=np.int64) for p in protocols}
     # Similar lengths together: each batch is padded only to its longest input.
     order = np.argsort([len(split.inputs[u]) for u in users], kind="stable")
     for start in range(0, len(order), batch_size):
@@ -84,11 +85,14 @@ def ranks(scorer: Scorer, split: EvalSplit, users: np.ndarray, max_len: int, bat
         target = torch.as_tensor(split.targets[batch])
         rows = torch.arange(len(batch))
         true = scores[rows, target]
-        negs = scores.gather(1, torch.as_tensor(split.negatives[batch]))
-        out["sampled"][pick] = (negs >= true[:, None]).sum(1).numpy()
+        if "sampled" in out:
+            negs = scores.gather(1, torch.as_tensor(split.negatives[batch]))
+            out["sampled"][pick] = (negs >= true[:, None]).sum(1).numpy()
+        if "full" not in out:
+            continue
         # Full ranking: the user's input items and the true item itself leave the candidates.
         for i, u in enumerate(batch):
-            scores[i, torch.from_numpy(np.ascontiguousarray(split.inputs[u], dtype=np.int64))] = -torch.inf
+            scores[i, torch.tensor(split.inputs[u], dtype=torch.long)] = -torch.inf
         scores[rows, target] = -torch.inf
         out["full"][pick] = (scores >= true[:, None]).sum(1).numpy()
     return out
@@ -104,10 +108,10 @@ def metrics_from_ranks(rank: np.ndarray, ks: list[int]) -> dict[str, float]:
 
 
 def summarize(split: EvalSplit, user_ranks: dict[str, np.ndarray], ks: list[int]) -> dict[str, dict[str, dict[str, float]]]:
-    """{protocol: {group: {"HR@k", "NDCG@k", "users"}}} for ranks of all users of the split."""
+    """{protocol: {group: {"HR@k", "NDCG@k", "users"}}} for ranks of all users of the split, per protocol ranked."""
     masks = {"overall": np.ones(len(split.targets), dtype=bool), "head": split.head, "tail": ~split.head,
              "short": split.short, "long": ~split.short}
-    return {p: {g: metrics_from_ranks(user_ranks[p][m], ks) for g, m in masks.items()} for p in PROTOCOLS}
+    return {p: {g: metrics_from_ranks(r[m], ks) for g, m in masks.items()} for p, r in user_ranks.items()}
 
 
 def evaluate(scorer: Scorer, split: EvalSplit, cfg: EvalConfig, max_len: int) -> dict[str, dict[str, dict[str, float]]]:

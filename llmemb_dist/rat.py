@@ -27,7 +27,7 @@ from llmemb_dist import report, storage
 from llmemb_dist.config import Config, RatConfig, config_hash, to_dict
 from llmemb_dist.data.catalog import ITEM_ID
 from llmemb_dist.data.sequences import Sequences, bucketed_batches, build_sequences, pad_left, train_inputs
-from llmemb_dist.evaluate import EvalSplit, make_split, ranks, summarize
+from llmemb_dist.evaluate import PROTOCOLS, EvalSplit, make_split, ranks, summarize
 from llmemb_dist.prepare import dataset_uri
 from llmemb_dist.srs import SeqRecommender, build_model
 from llmemb_dist.srs.losses import alignment_loss
@@ -98,10 +98,13 @@ class RatModule(nn.Module):
         self.register_buffer("srs", None if srs is None else torch.as_tensor(srs, dtype=torch.float32), persistent=False)
 
     def forward(self, seqs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        loss, targets = self.model.rec_loss(seqs, generator)
+        loss, targets, target_emb = self.model.rec_loss(seqs, generator)
         if self.srs is not None and self.alpha > 0:
-            items = targets.unique()
-            loss = loss + self.alpha * alignment_loss(self.srs[items], self.model.items(items), self.temperature)
+            items, inverse = targets.unique(return_inverse=True)
+            # Each distinct target's representation, taken from the recommendation loss's lookup, not recomputed.
+            first = torch.full_like(items, len(targets)).scatter_reduce(
+                0, inverse, torch.arange(len(targets), device=targets.device), "amin")
+            loss = loss + self.alpha * alignment_loss(self.srs[items], target_emb[first], self.temperature)
         return loss
 
 
@@ -127,13 +130,13 @@ def _gather_ranks(user_ranks: dict[str, np.ndarray], users: np.ndarray, total: i
     return out
 
 
-def evaluate_shared(model: SeqRecommender, split: EvalSplit, rcfg: RatConfig, rank: int, world: int) -> dict:
+def evaluate_shared(model: SeqRecommender, split: EvalSplit, rcfg: RatConfig, rank: int, world: int,
+                    protocols: tuple[str, ...] = PROTOCOLS) -> dict:
     model.eval()
     users = np.arange(len(split.targets))[rank::world]
-    table = model.items.table().detach()  # once per evaluation, not per batch
-    scorer = lambda seqs: model.user_repr(seqs) @ table.T  # noqa: E731
     with torch.no_grad():
-        local = ranks(scorer, split, users, rcfg.max_len)
+        table = model.items.table()  # once per evaluation, not per batch
+        local = ranks(lambda seqs: model.user_repr(seqs) @ table.T, split, users, rcfg.max_len, protocols=protocols)
     return summarize(split, _gather_ranks(local, users, len(split.targets), world), rcfg.eval.ks)
 
 
@@ -188,7 +191,8 @@ def fit(
                 log.info("epoch %d step %d/%d loss %.4f, ETA %.0f s", epoch + 1, step, steps, total / step,
                          spent / step * (steps - step))
         train_s = time.perf_counter() - started
-        valid = evaluate_shared(model, valid_split, rcfg, rank, world)
+        # Early stopping watches one protocol: ranking the whole catalog for the other would be wasted each epoch.
+        valid = evaluate_shared(model, valid_split, rcfg, rank, world, (rcfg.eval.select_protocol,))
         score = valid[rcfg.eval.select_protocol]["overall"]["NDCG@10"]
         if score > state["best_score"]:
             state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0, best_state=copy.deepcopy(model.state_dict()))

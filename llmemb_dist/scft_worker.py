@@ -152,7 +152,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         metrics = {
             "step": done,
             "loss": _mean_over_workers(loss.detach().float(), world),
-            "temperature": float(t),
+            "temperature": float(t.detach()),
             "alignment": losses.alignment(a, b),
             "uniformity": losses.uniformity(torch.cat([a, b])),
             "items_per_s_per_worker": items_since / (now - t_last),

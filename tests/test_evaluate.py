@@ -40,6 +40,10 @@ def test_ranks_under_both_protocols_on_a_handmade_scorer():
         assert got["sampled"][u] == int((split.negatives[u] > target).sum())
         # Full: items above the target, none of them in the user's history (all history is below).
         assert got["full"][u] == 30 - target
+    # Early stopping asks for one protocol only: the same ranks, without the other.
+    for protocol in ("sampled", "full"):
+        one = ranks(scorer, split, np.arange(4), max_len=10, protocols=(protocol,))
+        assert list(one) == [protocol] and (one[protocol] == got[protocol]).all()
 
 
 def test_ties_count_against_the_true_item_and_same_seed_same_negatives():

@@ -1,11 +1,14 @@
 """SCFT input checks (each fails before any worker starts) and its deterministic data order."""
 from __future__ import annotations
 
+import random
+
 import pyarrow as pa
 import pytest
 
 from llmemb_dist import storage
 from llmemb_dist.config import ConfigError, load_config
+from llmemb_dist.data.catalog import augment
 from llmemb_dist.distributed.engine import EngineSpec, deepspeed_config
 from llmemb_dist.prepare import dataset_uri, prepare
 from llmemb_dist.scft import adapter_uri, scft
@@ -69,6 +72,17 @@ def test_views_fresh_vs_reference():
     assert ref.prompts([0, 1], 0) == ref.prompts([0, 1], 7)  # drawn once
     a, _ = ref.prompts([0], 0)
     assert a[0].startswith("I\n") and a[0].count(" is ") == 2  # 4 attributes, int(4 * 0.5) dropped
+
+
+def test_one_attribute_items_drop_words_instead_of_attributes():
+    rng = random.Random(0)
+    title = "Melissa and Doug Deluxe Wooden Farm Animal Puzzle"  # 8 words
+    views = {augment([("title", title)], 0.4, rng)[0][1] for _ in range(20)}
+    assert len(views) > 1  # two views of the item differ
+    for view in views:
+        words = view.split()
+        assert len(words) == 8 - int(8 * 0.4) and words == [w for w in title.split() if w in words]  # order kept
+    assert augment([("title", "Lego")], 0.9, rng) == [("title", "Lego")]  # at least one word stays
 
 
 def test_deepspeed_config():

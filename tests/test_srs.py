@@ -54,10 +54,24 @@ def test_llm_row_k_is_item_k():
 def test_training_loss_is_finite_and_reaches_every_parameter(backbone):
     m = model(backbone, "llm").train()
     seqs = torch.tensor([[0, 0, 3, 7, 9], [1, 2, 3, 4, 5]])
-    loss, targets = m.rec_loss(seqs, torch.Generator().manual_seed(0))
+    loss, targets, target_emb = m.rec_loss(seqs, torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss) and len(targets) > 0
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+    # The alignment loss reuses these: they must be the targets' own representations.
+    m.eval()
+    assert torch.allclose(target_emb, m.items(targets), atol=1e-5)
+
+
+def test_composed_adapter_is_the_two_layers_in_value_and_gradient():
+    items = model("sasrec", "llm").items
+    x = torch.randn(5, items.llm.shape[1])
+    items.adapt(x).square().sum().backward()
+    composed = [p.grad.clone() for p in items.adapter.parameters()]
+    items.zero_grad()
+    items.adapter(x).square().sum().backward()
+    assert torch.allclose(items.adapt(x), items.adapter(x), atol=1e-5)
+    assert all(torch.allclose(a, p.grad, rtol=1e-4, atol=1e-5) for a, p in zip(composed, items.adapter.parameters()))
 
 
 def test_alignment_loss_is_lowest_when_the_two_sides_agree():
@@ -72,7 +86,7 @@ def test_llm_id_starts_as_llmemb_and_learns_an_id_vector_per_seen_item():
     items = m.items
     assert torch.equal(items.table(), items.llm.table())  # the ID side starts at zero
     seqs = torch.tensor([[0, 0, 3, 7, 9], [1, 2, 3, 4, 5]])
-    loss, _ = m.rec_loss(seqs, torch.Generator().manual_seed(0))
+    loss, _, _ = m.rec_loss(seqs, torch.Generator().manual_seed(0))
     loss.backward()
     grad = items.ids.weight.grad
     assert torch.count_nonzero(grad[0]) == 0  # padding never moves
@@ -82,3 +96,16 @@ def test_llm_id_starts_as_llmemb_and_learns_an_id_vector_per_seen_item():
         items.ids.weight[5] += 1.0
     assert torch.allclose(items(torch.tensor([5]))[0], items.llm(torch.tensor([5]))[0] + 1.0)
     assert torch.allclose(items.table()[5], items(torch.tensor([5]))[0], atol=1e-6)
+
+
+def test_llm_frozen_is_a_pca_rotation_with_nothing_to_train():
+    llm = np.random.default_rng(0).normal(size=(NUM_ITEMS, CFG.hidden)).astype(np.float32)
+    m = build_model(CFG, "sasrec", "llm_frozen", NUM_ITEMS, llm)
+    assert not list(m.items.parameters())  # the no-adapter ablation: item vectors are not trained
+    table = m.items.table()
+    assert torch.equal(table[0], torch.zeros(CFG.hidden))  # padding
+    # With every component kept, PCA is a rotation: the items keep their dot products.
+    centred = torch.from_numpy(standardize(llm))
+    assert torch.allclose(table[1:] @ table[1:].T, centred @ centred.T, atol=1e-4)
+    with pytest.raises(ValueError, match="llm_frozen"):
+        build_model(CFG, "sasrec", "llm_frozen", NUM_ITEMS, llm_table(dim=8))

@@ -52,9 +52,17 @@ def text_hash(attrs: Sequence[tuple[str, str]]) -> str:
 def augment(attrs: Sequence[tuple[str, str]], drop_ratio: float, rng: random.Random) -> list[tuple[str, str]]:
     """One augmented view: shuffle the attributes, then drop int(n * ratio) of them, keeping at least one.
 
-    The reference keeps none for one-attribute items (a bare instruction); we keep one.
+    An item with one attribute (amazon-toys has only a title) would give two identical views, which the
+    contrastive loss separates from other items at once (loss near 0 from the first steps) without
+    learning anything; the reference keeps no attribute at all (a bare instruction). Here int(n * ratio)
+    of that value's n words are dropped instead, keeping at least one and the words' order.
     """
     view = list(attrs)
+    if len(view) == 1:
+        key, value = view[0]
+        words = value.split()
+        keep = max(1, len(words) - int(len(words) * drop_ratio))
+        return [(key, " ".join(words[i] for i in sorted(rng.sample(range(len(words)), keep))))]
     rng.shuffle(view)
     keep = max(1, len(view) - int(len(view) * drop_ratio))
     return view[:keep]

@@ -29,8 +29,10 @@ class SeqRecommender(nn.Module):
         """Outputs at every position; `item_emb` (B, L, hidden) is self.items(seqs) when the caller has it."""
         raise NotImplementedError
 
-    def rec_loss(self, seqs: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-item BCE at every position of left-padded training sequences; returns (loss, target items)."""
+    def rec_loss(self, seqs: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+        """Next-item BCE at every position of left-padded training sequences.
+
+        Returns (loss, target items, their representations): the alignment loss reuses them."""
         inputs, targets = seqs[:, :-1], seqs[:, 1:]
         where = (inputs != 0) & (targets != 0)
         pos = targets[where]
@@ -39,7 +41,8 @@ class SeqRecommender(nn.Module):
         emb = self.items(torch.cat([inputs.reshape(-1), pos, neg]))
         n_in, n_pos = inputs.numel(), len(pos)
         hidden = self.encode(inputs, emb[:n_in].view(*inputs.shape, -1))
-        return bce_loss(hidden[where], emb[n_in: n_in + n_pos], emb[n_in + n_pos:]), pos
+        pos_emb = emb[n_in: n_in + n_pos]
+        return bce_loss(hidden[where], pos_emb, emb[n_in + n_pos:]), pos, pos_emb
 
     def user_repr(self, seqs: torch.Tensor) -> torch.Tensor:
         """The state after each (left-padded) input sequence, (B, hidden)."""

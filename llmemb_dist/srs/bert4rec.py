@@ -31,7 +31,7 @@ class Bert4Rec(SeqRecommender):
         x = x * self.hidden**0.5 + self.pos_emb(reverse_positions(seqs))
         return self.encoder(self.emb_dropout(x), seqs)
 
-    def rec_loss(self, seqs: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def rec_loss(self, seqs: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
         real = seqs != 0
         draw = torch.rand(seqs.shape, generator=generator, device=seqs.device) < self.mask_prob
         last_only = torch.zeros_like(real)
@@ -42,7 +42,8 @@ class Bert4Rec(SeqRecommender):
         hidden = self.encode(inputs)
         pos = both[where]
         neg = sample_negatives(pos, self.num_items, generator)
-        return bce_loss(hidden[where], self.items(pos), self.items(neg)), pos
+        pos_emb, neg_emb = self.items(torch.cat([pos, neg])).split(len(pos))
+        return bce_loss(hidden[where], pos_emb, neg_emb), pos, pos_emb
 
     def user_repr(self, seqs: torch.Tensor) -> torch.Tensor:
         # Predict the next item as a masked slot after the sequence (keeping max_len tokens).

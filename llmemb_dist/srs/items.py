@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -48,13 +49,19 @@ class LlmItems(nn.Module):
             nn.init.xavier_normal_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def adapt(self, llm: torch.Tensor) -> torch.Tensor:
+        """The adapter. It has no nonlinearity between its layers (as the reference), so one composed
+        matrix per call is the same function with the same gradients at a sixth of the multiply-adds."""
+        first, second = self.adapter
+        return F.linear(llm, second.weight @ first.weight, second.weight @ first.bias + second.bias)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # A batch repeats items (every position, positives and negatives): adapt each distinct one once.
         unique, inverse = torch.unique(ids, return_inverse=True)
-        return self.adapter(self.llm[unique])[inverse]
+        return self.adapt(self.llm[unique])[inverse]
 
     def table(self) -> torch.Tensor:
-        out = self.adapter(self.llm)
+        out = self.adapt(self.llm)
         return torch.cat([torch.zeros_like(out[:1]), out[1:]])
 
 
@@ -79,6 +86,29 @@ class LlmIdItems(nn.Module):
         return self.llm.table() + self.ids.weight
 
 
+class FrozenLlmItems(nn.Module):
+    """The no-adapter ablation (item_repr 'llm_frozen'): the standardised LLM table reduced to `hidden`
+    dimensions by PCA once, then frozen. No item parameter is trained, so what the recommender gets
+    from items is what the LLM put in them."""
+
+    def __init__(self, llm: np.ndarray, hidden: int):
+        super().__init__()
+        if min(llm.shape) < hidden:
+            raise ValueError(f"item_repr 'llm_frozen' needs at least rat.hidden={hidden} items and LLM dimensions, "
+                             f"the embeddings are {llm.shape[0]} x {llm.shape[1]}")
+        centred = standardize(llm)
+        components = np.linalg.svd(centred, full_matrices=False)[2][:hidden]
+        table = torch.zeros(llm.shape[0] + 1, hidden)
+        table[1:] = torch.from_numpy(centred @ components.T)
+        self.register_buffer("frozen", table, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.frozen[ids]
+
+    def table(self) -> torch.Tensor:
+        return self.frozen
+
+
 def build_items(kind: str, num_items: int, hidden: int, adapter_hidden: int, llm: np.ndarray | None) -> nn.Module:
     if kind == "id":
         return IdItems(num_items, hidden)
@@ -88,4 +118,6 @@ def build_items(kind: str, num_items: int, hidden: int, adapter_hidden: int, llm
         return LlmItems(llm, hidden, adapter_hidden)
     if kind == "llm_id":
         return LlmIdItems(llm, num_items, hidden, adapter_hidden)
+    if kind == "llm_frozen":
+        return FrozenLlmItems(llm, hidden)
     raise ValueError(f"unknown item_repr {kind!r}")
