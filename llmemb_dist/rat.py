@@ -359,8 +359,3 @@ def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
                 row[f"{group} HR@10"] = groups[group]["HR@10"]
             rows.append(row)
     return rows
-
-
-def comparison(cfg: Config) -> list[dict[str, Any]]:
-    """The comparison table of a published run (for the pipeline to print)."""
-    return storage.read_manifest(rat_uri(cfg))["metrics"]
