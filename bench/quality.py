@@ -107,8 +107,10 @@ def llm_table(cfg: Config, dataset: str, model: str, item_ids: list[str], tuned:
         started = time.perf_counter()
         log.info("embedding %d %s items with %s%s (cached in %s)", catalog.num_rows, dataset, model,
                  " + SCFT" if tuned else "", path)
+        trainer_threads = torch.get_num_threads()  # the actor sets the process's threads; RAT cells keep --threads
         actor = EmbedActor(cfg.model, adapter, batch_size=cfg.embed.batch_size, device="cpu", num_threads=2, fault_marker=None)
         out = actor(catalog)
+        torch.set_num_threads(trainer_threads)
         row = {item: i for i, item in enumerate(out.column(ITEM_ID).to_pylist())}
         vectors = vectors_of(out)[[row[item] for item in catalog.column(ITEM_ID).to_pylist()]]
         log.info("embedded in %.0f s", time.perf_counter() - started)
