@@ -87,6 +87,14 @@ def base_config(dataset: str, model: str, setting: str, extra: list[str]) -> Con
                        + DATASETS[dataset] + MODELS[model] + SETTINGS[setting] + SCFT[setting] + extra)
 
 
+def setting_tag(setting: str, extra: list[str]) -> str:
+    """The setting's name and overrides; a later override of a key replaces an earlier one, as in the config."""
+    overrides = {}
+    for override in SETTINGS[setting] + extra:
+        overrides[override.split("=", 1)[0]] = override
+    return " ".join([setting, *overrides.values()])
+
+
 def scft_adapter_files(cfg: Config) -> str:
     """The SCFT stage on this dataset and model (once: a rerun with the same settings finds it published)."""
     from llmemb_dist.scft import scft
@@ -161,7 +169,7 @@ def run(args: argparse.Namespace, command: str) -> None:
     cells = all_cells()
     mine = json.loads(cells_file.read_text()) if cells_file.exists() else {}
     setting = "quick" if args.quick else "full"
-    tag = " ".join([setting] + SETTINGS[setting] + args.set)  # changed settings make other cells
+    tag = setting_tag(setting, args.set)  # changed settings make other cells
 
     def save(key: str, summary: dict) -> None:
         cells[key] = mine[key] = {**summary, "command": command, "machine": MACHINE}
@@ -347,7 +355,9 @@ def plot(agg: dict, path: Path) -> None:
             ax.bar(np.arange(3) + i * width, [v["mean"]["sampled"][g]["NDCG@10"] for g in groups], width,
                    yerr=[v["std"]["sampled"][g]["NDCG@10"] for g in groups], label=f"{k[4]} ({k[2]})")
         ax.set_xticks(np.arange(3) + 0.4 - width / 2, ["overall", "head", "tail"])
-        ax.set_title(f"SASRec, {dataset} ({setting.split()[0]}), 100 sampled negatives", fontsize=9)
+        name, *overrides = setting.split()
+        changed = [o for o in overrides if o not in SETTINGS[name]]  # what sets this panel apart from its setting
+        ax.set_title(f"SASRec, {dataset} ({' '.join([name, *changed])}), 100 sampled negatives", fontsize=9)
         ax.set_ylabel("test NDCG@10")
         ax.legend(fontsize=7)
     fig.tight_layout()
