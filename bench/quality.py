@@ -27,6 +27,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,14 @@ METRICS = ("HR@10", "NDCG@10")
 log = logging.getLogger("quality")
 # Where a cell ran: timings, and with them time-budgeted cells, depend on it. QUALITY_MACHINE may describe it better.
 MACHINE = os.environ.get("QUALITY_MACHINE", f"{platform.node()}, {os.cpu_count()} CPUs")
+
+
+def code_version() -> str:
+    """The commit a cell ran at, "+changes" if code differs from it (results are rewritten as cells finish)."""
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=BENCH, capture_output=True, text=True).stdout.strip()
+    changed = git("status", "--porcelain", "--", "..", ":(exclude)results")
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+changes" if changed else "")
 
 
 def base_config(dataset: str, model: str, setting: str, extra: list[str]) -> Config:
@@ -170,9 +179,10 @@ def run(args: argparse.Namespace, command: str) -> None:
     mine = json.loads(cells_file.read_text()) if cells_file.exists() else {}
     setting = "quick" if args.quick else "full"
     tag = setting_tag(setting, args.set)  # changed settings make other cells
+    code = code_version()
 
     def save(key: str, summary: dict) -> None:
-        cells[key] = mine[key] = {**summary, "command": command, "machine": MACHINE}
+        cells[key] = mine[key] = {**summary, "command": command, "machine": MACHINE, "code": code}
         log.info("cell %s: test sampled NDCG@10 overall %.4f head %.4f tail %.4f (best epoch %d of %d)",
                  key, *(summary["test"]["sampled"][g]["NDCG@10"] for g in ("overall", "head", "tail")),
                  summary["best_epoch"], summary["epochs"])

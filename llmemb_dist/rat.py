@@ -160,7 +160,8 @@ def fit(
     objective = RatModule(model, srs, rcfg.alpha, rcfg.align_temperature)
     # The only buffers are the frozen tables: nothing to broadcast each step.
     trainable = nn.parallel.DistributedDataParallel(objective, broadcast_buffers=False) if world > 1 else objective
-    optimizer = torch.optim.Adam(model.parameters(), lr=rcfg.lr)
+    # The fused kernel: the same update as the default loop, which took a fifth of a CPU step (28 small tensors).
+    optimizer = torch.optim.Adam(model.parameters(), lr=rcfg.lr, fused=True)
     valid_split, test_split = make_split(data, "valid", rcfg.eval), make_split(data, "test", rcfg.eval)
     seqs = [s for s in train_inputs(data, rcfg.max_len) if len(s) >= 2]  # one input and one target at least
     lengths = np.array([len(s) for s in seqs])

@@ -81,6 +81,15 @@ def test_alignment_loss_is_lowest_when_the_two_sides_agree():
     assert aligned < shuffled
 
 
+def test_alignment_loss_is_the_mean_of_both_directions_cross_entropies():
+    srs, llm = torch.randn(30, 8), torch.randn(30, 8)
+    logits = srs @ llm.T / 2.0
+    targets = torch.softmax((srs @ srs.T + llm @ llm.T) / 2 / 2.0, dim=-1)
+    srs_side = torch.nn.functional.cross_entropy(logits, targets)
+    llm_side = torch.nn.functional.cross_entropy(logits.T, targets.T)
+    assert torch.isclose(alignment_loss(srs, llm, temperature=2.0), (srs_side + llm_side) / 2, rtol=1e-5)
+
+
 def test_llm_id_starts_as_llmemb_and_learns_an_id_vector_per_seen_item():
     m = model("sasrec", "llm_id").train()
     items = m.items
@@ -109,3 +118,17 @@ def test_llm_frozen_is_a_pca_rotation_with_nothing_to_train():
     assert torch.allclose(table[1:] @ table[1:].T, centred @ centred.T, atol=1e-4)
     with pytest.raises(ValueError, match="llm_frozen"):
         build_model(CFG, "sasrec", "llm_frozen", NUM_ITEMS, llm_table(dim=8))
+
+
+def test_dropout_keeps_the_expected_value_and_is_off_in_eval():
+    from llmemb_dist.srs.base import Dropout
+
+    drop = Dropout(0.5)
+    x = torch.ones(200_000)
+    out = drop(x)
+    assert set(out.unique().tolist()) == {0.0, 2.0}
+    assert abs(out.mean().item() - 1.0) < 0.02
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    with pytest.raises(ValueError, match="rat.dropout"):
+        Dropout(1.0)

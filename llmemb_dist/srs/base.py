@@ -17,6 +17,21 @@ def reverse_positions(seqs: torch.Tensor) -> torch.Tensor:
     return real.flip(1).cumsum(1).flip(1) * real
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout with its mask drawn by torch.rand: the same distribution, twice as fast on CPU, where
+    F.dropout's bernoulli_ took a fifth of a training step. Attention dropout stays inside SDPA."""
+
+    def __init__(self, p: float):
+        if not 0 <= p < 1:
+            raise ValueError(f"rat.dropout must be in [0, 1), got {p}")
+        super().__init__(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * (torch.rand_like(x) >= self.p) * (1 / (1 - self.p))
+
+
 class SeqRecommender(nn.Module):
     """A backbone over an item representation; subclasses define `encode` (B, L) -> (B, L, hidden)."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmemb_dist.srs.base import SeqRecommender, reverse_positions
+from llmemb_dist.srs.base import Dropout, SeqRecommender, reverse_positions
 from llmemb_dist.srs.losses import bce_loss, sample_negatives
 from llmemb_dist.srs.sasrec import TransformerEncoder
 
@@ -22,7 +22,7 @@ class Bert4Rec(SeqRecommender):
         # Its own vector, so the mask works the same over ID and LLM item tables.
         self.mask_emb = nn.Parameter(torch.randn(hidden) * 0.01)
         self.pos_emb = nn.Embedding(max_len + 2, hidden, padding_idx=0)
-        self.emb_dropout = nn.Dropout(dropout)
+        self.emb_dropout = Dropout(dropout)
         self.encoder = TransformerEncoder(hidden, layers, heads, dropout, causal=False)
 
     def encode(self, seqs: torch.Tensor, item_emb: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from llmemb_dist.srs.base import SeqRecommender
+from llmemb_dist.srs.base import Dropout, SeqRecommender
 
 
 class GRU4Rec(SeqRecommender):
     def __init__(self, items: nn.Module, num_items: int, hidden: int, layers: int, dropout: float):
         super().__init__(items, num_items)
-        self.emb_dropout = nn.Dropout(dropout)
+        self.emb_dropout = Dropout(dropout)
         self.gru = nn.GRU(hidden, hidden, num_layers=layers, batch_first=True)
 
     def encode(self, seqs: torch.Tensor, item_emb: torch.Tensor | None = None) -> torch.Tensor:

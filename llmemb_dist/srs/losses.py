@@ -28,6 +28,8 @@ def alignment_loss(srs: torch.Tensor, llm: torch.Tensor, temperature: float) -> 
     """
     logits = srs @ llm.T / temperature
     targets = F.softmax((srs @ srs.T + llm @ llm.T) / 2 / temperature, dim=-1)
+    # The llm side's loss is the srs side's on the transposed matrices; summing along the other axis
+    # of the same matrices gives it without copying two transposes.
     loss_srs = -(targets * F.log_softmax(logits, dim=-1)).sum(-1)
-    loss_llm = -(targets.T * F.log_softmax(logits.T, dim=-1)).sum(-1)
+    loss_llm = -(targets * F.log_softmax(logits, dim=0)).sum(0)
     return (loss_srs + loss_llm).mean() / 2

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmemb_dist.srs.base import SeqRecommender, reverse_positions
+from llmemb_dist.srs.base import Dropout, SeqRecommender, reverse_positions
 
 
 class Attention(nn.Module):
@@ -33,7 +33,7 @@ class FeedForward(nn.Module):
     def __init__(self, hidden: int, dropout: float):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(hidden, hidden), nn.Dropout(dropout), nn.ReLU(), nn.Linear(hidden, hidden), nn.Dropout(dropout)
+            nn.Linear(hidden, hidden), Dropout(dropout), nn.ReLU(), nn.Linear(hidden, hidden), Dropout(dropout)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ class SASRec(SeqRecommender):
         super().__init__(items, num_items)
         self.hidden = hidden
         self.pos_emb = nn.Embedding(max_len + 2, hidden, padding_idx=0)
-        self.emb_dropout = nn.Dropout(dropout)
+        self.emb_dropout = Dropout(dropout)
         self.encoder = TransformerEncoder(hidden, layers, heads, dropout, causal=True)
 
     def embed(self, item_emb: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
