@@ -234,9 +234,10 @@ def run(args: argparse.Namespace, command: str) -> None:
 
 
 def all_cells() -> dict:
-    """Every finished cell, from every cells file (parallel runs each write their own)."""
+    """Every finished cell, from every cells file (parallel runs each write their own); where two files hold
+    the same cell, the newer file's measurement wins."""
     cells: dict = {}
-    for f in sorted(CACHE.glob("quality_cells*.json")):
+    for f in sorted(CACHE.glob("quality_cells*.json"), key=lambda f: f.stat().st_mtime):
         cells.update(json.loads(f.read_text()))
     return cells
 
@@ -261,7 +262,8 @@ def aggregate(cells: dict) -> dict:
                   "epoch_seconds": float(np.median([r["epoch_seconds"] for r in runs])),
                   "cut_by_time_budget": any(r.get("cut_by_time_budget", False) for r in runs), **stat,
                   "commands": sorted({r["command"] for r in runs}),
-                  "machines": sorted({r.get("machine", "not recorded") for r in runs})}
+                  "machines": sorted({r.get("machine", "not recorded") for r in runs}),
+                  "code": sorted({r.get("code", "not recorded (before 5f54d24)") for r in runs})}
     return out
 
 
@@ -326,7 +328,8 @@ def write_results(cells: dict) -> None:
     keys = sorted({k[:2] for k in agg})
     for setting, dataset in keys:
         machines = sorted({m for k, v in agg.items() if k[:2] == (setting, dataset) for m in v["machines"]})
-        lines += ["", f"## {dataset} ({setting})", "", f"Ran on: {'; '.join(machines)}.", "",
+        codes = sorted({c for k, v in agg.items() if k[:2] == (setting, dataset) for c in v["code"]})
+        lines += ["", f"## {dataset} ({setting})", "", f"Ran on: {'; '.join(machines)}; at commits: {', '.join(codes)}.", "",
                   "The issue's aims (set for amazon-toys, SASRec, 100 sampled negatives), on this dataset:", "",
                   "| aim | target | measured | |", "|---|---|---|---|"]
         lines += aim_rows(agg, setting, dataset)
