@@ -19,7 +19,15 @@ import torch
 from llmemb_dist.config import EvalConfig
 from llmemb_dist.data.sequences import Sequences, pad_left
 
-Scorer = Callable[[torch.Tensor], torch.Tensor]  # left-padded inputs (B, L) -> scores (B, num_items + 1)
+
+
+@dataclass
+class Scorer:
+    """A user's score for item j is users(inputs) . items[j]. Kept as the two factors so that the sampled
+    protocol scores each user's 101 candidates, not the whole catalog (over half of a validation pass)."""
+
+    users: Callable[[torch.Tensor], torch.Tensor]  # left-padded inputs (B, L) -> (B, h)
+    items: torch.Tensor  # (num_items + 1, h); row 0 is padding, never a candidate
 PROTOCOLS = ("sampled", "full")
 GROUPS = ("overall", "head", "tail", "short", "long")
 
@@ -80,17 +88,20 @@ def ranks(scorer: Scorer, split: EvalSplit, users: np.ndarray, max_len: int, bat
         pick = order[start: start + batch_size]
         batch = users[pick]
         seqs = torch.as_tensor(pad_left([split.inputs[u] for u in batch], max_len))
-        scores = scorer(seqs).float()
-        scores[:, 0] = -torch.inf  # padding is no item
+        user_vectors = scorer.users(seqs).float()
         target = torch.as_tensor(split.targets[batch])
-        rows = torch.arange(len(batch))
-        true = scores[rows, target]
         if "sampled" in out:
-            negs = scores.gather(1, torch.as_tensor(split.negatives[batch]))
-            out["sampled"][pick] = (negs >= true[:, None]).sum(1).numpy()
+            candidates = torch.cat([target[:, None], torch.as_tensor(split.negatives[batch])], dim=1)
+            cand_scores = torch.bmm(scorer.items[candidates].float(), user_vectors[:, :, None]).squeeze(-1)
+            cand_scores = cand_scores.masked_fill(candidates == 0, -torch.inf)  # padding fills short negative lists
+            out["sampled"][pick] = (cand_scores[:, 1:] >= cand_scores[:, :1]).sum(1).numpy()
         if "full" not in out:
             continue
-        # Full ranking: the user's input items and the true item itself leave the candidates.
+        scores = user_vectors @ scorer.items.float().T
+        rows = torch.arange(len(batch))
+        true = scores[rows, target]
+        # Full ranking: padding, the user's input items and the true item itself leave the candidates.
+        scores[:, 0] = -torch.inf
         for i, u in enumerate(batch):
             scores[i, torch.tensor(split.inputs[u], dtype=torch.long)] = -torch.inf
         scores[rows, target] = -torch.inf
@@ -121,5 +132,4 @@ def evaluate(scorer: Scorer, split: EvalSplit, cfg: EvalConfig, max_len: int) ->
 
 def popularity_scorer(popularity: np.ndarray) -> Scorer:
     """The most-popular baseline: every user gets the items ranked by training popularity."""
-    pop = torch.as_tensor(popularity, dtype=torch.float32)
-    return lambda seqs: pop.expand(len(seqs), -1).clone()
+    return Scorer(lambda seqs: torch.ones(len(seqs), 1), torch.as_tensor(popularity, dtype=torch.float32)[:, None])

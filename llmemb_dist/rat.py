@@ -27,7 +27,7 @@ from llmemb_dist import report, storage
 from llmemb_dist.config import Config, RatConfig, config_hash, to_dict
 from llmemb_dist.data.catalog import ITEM_ID
 from llmemb_dist.data.sequences import Sequences, bucketed_batches, build_sequences, pad_left, train_inputs
-from llmemb_dist.evaluate import PROTOCOLS, EvalSplit, make_split, ranks, summarize
+from llmemb_dist.evaluate import PROTOCOLS, EvalSplit, Scorer, make_split, ranks, summarize
 from llmemb_dist.prepare import dataset_uri
 from llmemb_dist.srs import SeqRecommender, build_model
 from llmemb_dist.srs.losses import alignment_loss
@@ -136,7 +136,7 @@ def evaluate_shared(model: SeqRecommender, split: EvalSplit, rcfg: RatConfig, ra
     users = np.arange(len(split.targets))[rank::world]
     with torch.no_grad():
         table = model.items.table()  # once per evaluation, not per batch
-        local = ranks(lambda seqs: model.user_repr(seqs) @ table.T, split, users, rcfg.max_len, protocols=protocols)
+        local = ranks(Scorer(model.user_repr, table), split, users, rcfg.max_len, protocols=protocols)
     return summarize(split, _gather_ranks(local, users, len(split.targets), world), rcfg.eval.ks)
 
 

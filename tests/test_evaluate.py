@@ -6,7 +6,7 @@ import torch
 
 from llmemb_dist.config import EvalConfig
 from llmemb_dist.data.sequences import build_sequences
-from llmemb_dist.evaluate import evaluate, head_items, make_split, metrics_from_ranks, popularity_scorer, ranks
+from llmemb_dist.evaluate import Scorer, evaluate, head_items, make_split, metrics_from_ranks, popularity_scorer, ranks
 
 
 def test_metrics_on_known_ranks():
@@ -33,7 +33,7 @@ def test_ranks_under_both_protocols_on_a_handmade_scorer():
     for u, seq in enumerate(data.seqs):  # negatives: distinct, never touched by the user
         assert len(set(split.negatives[u])) == 5 and not set(split.negatives[u]) & set(seq.tolist())
     # Scores = item index: the true item (20 + u) beats every item below it.
-    scorer = lambda seqs: torch.arange(31, dtype=torch.float32).expand(len(seqs), -1).clone()  # noqa: E731
+    scorer = Scorer(lambda seqs: torch.ones(len(seqs), 1), torch.arange(31, dtype=torch.float32)[:, None])
     got = ranks(scorer, split, np.arange(4), max_len=10)
     for u in range(4):
         target = 20 + u
@@ -49,10 +49,15 @@ def test_ranks_under_both_protocols_on_a_handmade_scorer():
 def test_ties_count_against_the_true_item_and_same_seed_same_negatives():
     data = small_data()
     cfg = EvalConfig(num_negatives=5, ks=[10])
-    result = evaluate(lambda seqs: torch.zeros(len(seqs), 31), make_split(data, "valid", cfg), cfg, 10)
+    constant = Scorer(lambda seqs: torch.ones(len(seqs), 1), torch.zeros(31, 1))
+    result = evaluate(constant, make_split(data, "valid", cfg), cfg, 10)
     assert result["sampled"]["overall"]["HR@10"] == 1.0  # 5 tied negatives: rank 5 < 10
-    result = evaluate(lambda seqs: torch.zeros(len(seqs), 31), make_split(data, "valid", EvalConfig(ks=[1])), EvalConfig(ks=[1]), 10)
+    result = evaluate(constant, make_split(data, "valid", EvalConfig(ks=[1])), EvalConfig(ks=[1]), 10)
     assert result["sampled"]["overall"]["HR@1"] == 0.0 and result["full"]["overall"]["HR@1"] == 0.0
+    # More negatives wanted than items a user never touched (26): the padding that fills the list is no rival.
+    crowded = make_split(data, "valid", EvalConfig(num_negatives=28))
+    assert (crowded.negatives[:, 26:] == 0).all()
+    assert (ranks(constant, crowded, np.arange(4), max_len=10, protocols=("sampled",))["sampled"] == 26).all()
     a, b = make_split(data, "valid", cfg), make_split(data, "valid", cfg)
     assert (a.negatives == b.negatives).all()
 
