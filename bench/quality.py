@@ -1,13 +1,15 @@
 """Quality benchmark: ID-only vs LLMEmb, its ablations, and LLMEmb + ID (item_repr llm_id), head and tail.
 
     python bench/quality.py --quick        # ml-100k, SASRec, MiniLM, 1 seed, with SCFT: the 10-minute mode
-    python bench/quality.py --embed-only   # SCFT and embeddings of every dataset (run before parallel trainers)
-    python bench/quality.py                # the full grid, resumable (see below)
+    python bench/quality.py --jobs 2       # the full grid, 2 cells at a time, resumable (see below)
+    python bench/quality.py --embed-only   # only SCFT and the embeddings of every dataset
 
-Every (setting, dataset, base model, backbone, variant, seed) cell is trained in-process with `rat.fit`
-(early stopping on validation NDCG@10, or a --cell-minutes budget) and cached in
-bench/.cache/quality_cells*.json, so a rerun skips finished cells; parallel runs (--cells) each write
-their own file. SCFT runs once per dataset and base model (the real SCFT stage: Ray Train, DeepSpeed,
+Every (setting, dataset, base model, backbone, variant, seed) cell is trained with `rat.fit` (early
+stopping on validation NDCG@10, or a --cell-minutes budget) and cached in bench/.cache/quality_cells*.json,
+so a rerun skips finished cells. Without --jobs the cells train one after another in this process; with
+--jobs N, SCFT and embeddings come first, then each cell is a run of this script on one thread, N at a
+time (on 2 cores two one-thread trainers do 1.8x the work of one two-thread trainer), and each writes
+its own cells file. Several runs by hand (--cells, disjoint --datasets/--seeds) work as well. SCFT runs once per dataset and base model (the real SCFT stage: Ray Train, DeepSpeed,
 2 CPU workers; published under bench/.cache/runs/scft/) and is shared by the seeds, which vary RAT only.
 Embeddings of each catalog, bare and SCFT-tuned (the embedding stage's EmbedActor, without Ray), and the
 collaborative SASRec tables used by the alignment loss are cached there too.
@@ -30,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +50,7 @@ from llmemb_dist.srs import build_model
 BENCH = Path(__file__).resolve().parent
 CACHE = BENCH / ".cache"
 RESULTS = BENCH / "results"
+RUNS_FILE = CACHE / "quality_runs.json"  # whole --jobs runs: their wall time
 # Relative to the repository root (run from there): a published dataset is reused wherever the checkout lives.
 SHARED = "../shared/data"
 
@@ -173,6 +177,28 @@ def train_cell(cfg: Config, data, backbone: str, variant: str, llm: np.ndarray |
     return model, summary
 
 
+def cell_key(tag: str, dataset: str, model: str, backbone: str, variant: str, seed: int) -> str:
+    return "|".join([tag, dataset, "-" if variant == "id" else model, backbone, variant, f"seed{seed}"])
+
+
+def srs_file(tag: str, dataset: str, seed: int) -> Path:
+    """The collaborative (ID-only SASRec) item table that a (dataset, seed)'s alignment losses use."""
+    return CACHE / "srs" / f"{tag}-{dataset}-seed{seed}.npy".replace(" ", "_").replace("/", "_")
+
+
+def pending_cells(args: argparse.Namespace, cells: dict, tag: str, dataset: str, seed: int) -> list[tuple[str, str, str]]:
+    """(model, backbone, variant) of the grid's cells for this dataset and seed that no cells file holds yet."""
+    return [(m, b, v) for m in args.models for b in args.backbones for v in args.variants
+            if wanted(m, b, v, args.models[0], args.scft_models)
+            and cell_key(tag, dataset, m, b, v, seed) not in cells]
+
+
+def needs_collaborative_run(args: argparse.Namespace, pending: list[tuple[str, str, str]], srs_path: Path) -> bool:
+    """The ID-only SASRec is the baseline and gives the alignment loss its collaborative table."""
+    return (args.models[0], "sasrec", "id") in pending or (
+        any(v != "id" for _, _, v in pending) and not srs_path.exists())
+
+
 def run(args: argparse.Namespace, command: str) -> None:
     cells_file = CACHE / args.cells
     cells = all_cells()
@@ -204,21 +230,17 @@ def run(args: argparse.Namespace, command: str) -> None:
                         llm_table(base_config(dataset, model_name, setting, seed_args), dataset, model_name,
                                   data.item_ids, tuned)
                 continue
-            srs_path = CACHE / "srs" / f"{tag}-{dataset}-seed{seed}.npy".replace(" ", "_").replace("/", "_")
-            id_key = "|".join([tag, dataset, "-", "sasrec", "id", f"seed{seed}"])
-            pending = [(m, b, v) for m in args.models for b in args.backbones for v in args.variants
-                       if wanted(m, b, v, args.models[0], args.scft_models)
-                       and "|".join([tag, dataset, "-" if v == "id" else m, b, v, f"seed{seed}"]) not in cells]
-            if (args.models[0], "sasrec", "id") in pending or (
-                    any(v != "id" for _, _, v in pending) and not srs_path.exists()):
-                # The ID-only SASRec is the baseline and gives the alignment loss its collaborative table.
+            srs_path = srs_file(tag, dataset, seed)
+            id_key = cell_key(tag, dataset, args.models[0], "sasrec", "id", seed)
+            pending = pending_cells(args, cells, tag, dataset, seed)
+            if needs_collaborative_run(args, pending, srs_path):
                 log.info("cell %s", id_key)
                 collab, summary = train_cell(cfg, data, "sasrec", "id", None, None, args.cell_minutes * 60)
                 srs_path.parent.mkdir(parents=True, exist_ok=True)
                 np.save(srs_path, collab.items.table().detach().numpy())
                 save(id_key, summary)
             for model_name, backbone, variant in pending:
-                key = "|".join([tag, dataset, "-" if variant == "id" else model_name, backbone, variant, f"seed{seed}"])
+                key = cell_key(tag, dataset, model_name, backbone, variant, seed)
                 if key in cells:  # the baseline just trained above
                     continue
                 cfg = base_config(dataset, model_name, setting, seed_args + VARIANTS[variant][1])
@@ -230,7 +252,104 @@ def run(args: argparse.Namespace, command: str) -> None:
         write_results(cells)
 
 
+@dataclass
+class Task:
+    """One cell as a run of this script; `after` names the task whose collaborative table it needs."""
+
+    name: str
+    argv: list[str]
+    after: str | None
+
+
+def grid_tasks(args: argparse.Namespace) -> list[Task]:
+    """Every pending cell of the grid, longest first: collaborative SASRecs (they unblock the rest), then the
+    ID-only cells (they converge late), then the LLM cells; within each, the bigger dataset first."""
+    setting = "quick" if args.quick else "full"
+    tag = setting_tag(setting, args.set)
+    cells = all_cells()
+    size = {d: sum(map(len, load_sequences(base_config(d, "minilm", setting, args.set)).seqs)) for d in args.datasets}
+    common = ["--scft-models", *args.scft_models, "--threads", "1", "--cell-minutes", str(args.cell_minutes)]
+    common += (["--quick"] if args.quick else []) + (["--set", *args.set] if args.set else [])
+    ranked = []
+    for dataset in args.datasets:
+        for seed in args.seeds:
+            pending = pending_cells(args, cells, tag, dataset, seed)
+            collab = (args.models[0], "sasrec", "id")
+            after = None
+            if needs_collaborative_run(args, pending, srs_file(tag, dataset, seed)):
+                pending = [collab] + [c for c in pending if c != collab]
+                after = f"{dataset}-seed{seed}-{args.models[0]}-sasrec-id"
+            for model, backbone, variant in pending:
+                name = f"{dataset}-seed{seed}-{model}-{backbone}-{variant}"
+                argv = ["--datasets", dataset, "--seeds", str(seed), "--models", model, "--backbones", backbone,
+                        "--variants", variant, *common]
+                kind = 0 if name == after else 1 if variant == "id" else 2
+                ranked.append(((kind, -size[dataset]), Task(name, argv, None if variant == "id" else after)))
+    return [task for _, task in sorted(ranked, key=lambda r: r[0])]
+
+
+def run_jobs(args: argparse.Namespace, command: str) -> None:
+    """--jobs N: SCFT and embeddings first, in this process on every thread; then every pending cell as a
+    run of this script on one thread, N at a time. Children write quality_cells_job<slot>.json and log to
+    bench/.cache/logs/; the whole run's wall time goes into the report."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    run(argparse.Namespace(**{**vars(args), "embed_only": True}), command)
+    tasks = grid_tasks(args)
+    log.info("%d cells to train, %d at a time", len(tasks), args.jobs)
+    logs = CACHE / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "QUALITY_COMMAND": command}  # cells record the command a user reruns, not the child's
+    running: dict[int, tuple[Task, subprocess.Popen]] = {}
+    done: set[str] = set()
+    failed: list[str] = []
+    with tqdm(total=len(tasks), desc="quality cells") as bar:
+        while tasks or running:
+            for slot in range(args.jobs):
+                if slot in running:
+                    continue
+                ready = next((t for t in tasks if t.after is None or t.after in done), None)
+                if ready is None:
+                    break
+                tasks.remove(ready)
+                with open(logs / f"{ready.name}.log", "w") as out:
+                    proc = subprocess.Popen([sys.executable, __file__, *ready.argv, "--cells", f"quality_cells_job{slot}.json"],
+                                            stdout=out, stderr=subprocess.STDOUT, env=env)
+                running[slot] = (ready, proc)
+            time.sleep(2)
+            for slot, (task, proc) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[slot]
+                bar.update()
+                if proc.returncode == 0:
+                    done.add(task.name)
+                else:
+                    failed.append(task.name)
+                    log.error("cell %s failed (exit %d): see %s", task.name, proc.returncode, logs / f"{task.name}.log")
+            for task in [t for t in tasks if t.after in failed]:  # its collaborative table will never come
+                tasks.remove(task)
+                failed.append(task.name)
+                bar.update()
+    record = {"command": command, "jobs": args.jobs, "cells_trained": len(done), "failed": failed,
+              "wall_seconds": time.perf_counter() - started, "code": code_version(), "machine": MACHINE,
+              "finished": time.strftime("%Y-%m-%d %H:%M")}
+    runs = json.loads(RUNS_FILE.read_text()) if RUNS_FILE.exists() else []
+    RUNS_FILE.write_text(json.dumps(runs + [record], indent=1))
+    write_results(all_cells())
+    if failed:
+        raise SystemExit(f"{len(failed)} cells failed or were skipped: {', '.join(failed)}")
+
+
 # ---------------------------------------------------------------- report
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Parallel cells rewrite the report as each finishes: a reader sees one whole version or the next."""
+    staged = path.with_name(f".{path.name}.{os.getpid()}")
+    staged.write_text(text)
+    staged.replace(path)
 
 
 def all_cells() -> dict:
@@ -307,9 +426,11 @@ def aim_rows(agg: dict, setting: str, dataset: str) -> list[str]:
 
 def write_results(cells: dict) -> None:
     agg = aggregate(cells)
+    runs = json.loads(RUNS_FILE.read_text()) if RUNS_FILE.exists() else []
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quality.json").write_text(json.dumps(
-        {"cells": cells, "aggregate": {"|".join(k): v for k, v in agg.items()}, "settings": SETTINGS}, indent=1))
+    write_atomic(RESULTS / "quality.json", json.dumps(
+        {"cells": cells, "aggregate": {"|".join(k): v for k, v in agg.items()}, "settings": SETTINGS, "runs": runs},
+        indent=1))
     commands = sorted({c for v in agg.values() for c in v["commands"]})
     lines = ["# Quality: ID-only vs LLMEmb, its ablations, and LLMEmb + ID on real data", "",
              "Produced by (each cell records its command; cells are cached and the report covers all of them):", ""]
@@ -324,12 +445,21 @@ def write_results(cells: dict) -> None:
               "mean-pooled. SCFT runs once per dataset (all seeds share it). `(cut)`: training was stopped by the",
               "--cell-minutes time budget, not by early stopping (not converged). A section's title names its setting",
               "and the config overrides of all its cells; other RAT fields are at their defaults (rat.hidden 128, 2 layers,",
-              "dropout 0.5, lr 1e-3, batch 128, alpha 0.01, adapter_hidden 768)."]
+              "dropout 0.5, lr 1e-3, batch 128, alpha 0.01, adapter_hidden 768).", "",
+              f"Training time of all {len(cells)} cells: {sum(c['seconds'] for c in cells.values()) / 3600:.1f} h on one "
+              "thread each (SCFT and embeddings not included). Whole runs with --jobs (wall time includes SCFT and "
+              "embeddings that were not cached yet):", ""]
+    lines += ["| command | jobs | cells trained | failed | wall time | commit | finished |", "|---|---|---|---|---|---|---|"] \
+        if runs else ["(none recorded yet)"]
+    lines += [f"| `{r['command']}` | {r['jobs']} | {r['cells_trained']} | {len(r['failed'])} | "
+              f"{r['wall_seconds'] / 60:.0f} min | {r['code']} | {r['finished']} |" for r in runs]
     keys = sorted({k[:2] for k in agg})
     for setting, dataset in keys:
         machines = sorted({m for k, v in agg.items() if k[:2] == (setting, dataset) for m in v["machines"]})
         codes = sorted({c for k, v in agg.items() if k[:2] == (setting, dataset) for c in v["code"]})
-        lines += ["", f"## {dataset} ({setting})", "", f"Ran on: {'; '.join(machines)}; at commits: {', '.join(codes)}.", "",
+        hours = sum(c["seconds"] for k, c in cells.items() if tuple(k.split("|")[:2]) == (setting, dataset)) / 3600
+        lines += ["", f"## {dataset} ({setting})", "", f"Ran on: {'; '.join(machines)}; at commits: {', '.join(codes)}; "
+                  f"training time of its cells {hours:.1f} h.", "",
                   "The issue's aims (set for amazon-toys, SASRec, 100 sampled negatives), on this dataset:", "",
                   "| aim | target | measured | |", "|---|---|---|---|"]
         lines += aim_rows(agg, setting, dataset)
@@ -348,7 +478,7 @@ def write_results(cells: dict) -> None:
                 lines.append(f"| {k[2]} | {k[3]} | {k[4]} | {v['seeds']} | {'/'.join(map(str, v['best_epochs']))} of "
                              f"{'/'.join(map(str, v['epochs']))}{' (cut)' if v['cut_by_time_budget'] else ''} | "
                              f"{v['epoch_seconds']:.1f} | {vals} |")
-    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
+    write_atomic(RESULTS / "quality.md", "\n".join(lines) + "\n")
     plot(agg, RESULTS / "quality.png")
 
 
@@ -374,7 +504,9 @@ def plot(agg: dict, path: Path) -> None:
         ax.set_ylabel("test NDCG@10")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    staged = path.with_name(f".{path.name}.{os.getpid()}")
+    fig.savefig(staged, dpi=110, format="png")
+    staged.replace(path)
     plt.close(fig)
 
 
@@ -395,6 +527,8 @@ def main() -> None:
     parser.add_argument("--cells", default="quality_cells.json",
                         help="cells file under bench/.cache this run writes (all quality_cells*.json are read)")
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides (key=value) for every cell")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="train this many cells at once, each on one thread (2 on a 2-core machine)")
     args = parser.parse_args()
     quick = args.quick
     args.datasets = args.datasets or (["ml-100k"] if quick else ["ml-100k", "ml-latest-small", "amazon-toys"])
@@ -404,7 +538,11 @@ def main() -> None:
     args.seeds = args.seeds or ([1] if quick else [1, 2, 3])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    run(args, "python bench/quality.py " + shlex.join(sys.argv[1:]))
+    command = os.environ.get("QUALITY_COMMAND") or "python bench/quality.py " + shlex.join(sys.argv[1:])
+    if args.jobs > 1 and not args.embed_only:
+        run_jobs(args, command)
+    else:
+        run(args, command)
     print((RESULTS / "quality.md").read_text())
 
 
