@@ -8,8 +8,8 @@ Every (setting, dataset, base model, backbone, variant, seed) cell is trained wi
 stopping on validation NDCG@10, or a --cell-minutes budget) and cached in bench/.cache/quality_cells*.json,
 so a rerun skips finished cells. Without --jobs the cells train one after another in this process; with
 --jobs N, SCFT and embeddings come first, then each cell is a run of this script on one thread, N at a
-time (on 2 cores two one-thread trainers do 1.8x the work of one two-thread trainer), and each writes
-its own cells file. Several runs by hand (--cells, disjoint --datasets/--seeds) work as well. SCFT runs once per dataset and base model (the real SCFT stage: Ray Train, DeepSpeed,
+time (a RAT epoch on one thread takes only about 1.1x its time on two: bench/results/rat.md), and each
+writes its own cells file. Several runs by hand (--cells, disjoint --datasets/--seeds) work as well. SCFT runs once per dataset and base model (the real SCFT stage: Ray Train, DeepSpeed,
 2 CPU workers; published under bench/.cache/runs/scft/) and is shared by the seeds, which vary RAT only.
 Embeddings of each catalog, bare and SCFT-tuned (the embedding stage's EmbedActor, without Ray), and the
 collaborative SASRec tables used by the alignment loss are cached there too.
@@ -17,8 +17,8 @@ bench/results/quality.md/.json/.png are rebuilt from every cached cell after eac
 
 The grid: 3 datasets x 3 seeds x (ID-only and LLMEmb on SASRec, Bert4Rec, GRU4Rec; on SASRec the
 ablations without SCFT, without alignment (alpha 0) and without adapter (frozen PCA of the LLM table),
-and LLMEmb + ID), all with MiniLM; SmolLM2 without SCFT on SASRec (its SCFT does not fit 2 CPU cores:
---scft-models adds it on a bigger machine).
+and LLMEmb + ID), all with MiniLM; SmolLM2 with and without SCFT on SASRec, within the budget that
+MODEL_BUDGET gives it on a 2-core machine (--no-model-budget gives it every dataset on a bigger one).
 """
 from __future__ import annotations
 
@@ -61,6 +61,10 @@ DATASETS = {
                         f"dataset.source={SHARED}/ml-latest-small"],
 }
 MODELS = {"minilm": ["model.path=minilm"], "smollm2": ["model.path=smollm2"]}
+# What 2 CPU cores give the 135M-parameter decoder, which embeds about 9 items/s and trains SCFT six
+# times slower than MiniLM: ml-100k only (its amazon-toys embedding alone takes 21 minutes) and 30 SCFT
+# steps instead of 150.
+MODEL_BUDGET = {"smollm2": {"datasets": ["ml-100k"], "scft": ["scft.steps=30"]}}
 # variant -> (item_repr, RAT overrides, embeddings of the SCFT-tuned base model or of the bare one)
 VARIANTS = {
     "id": ("id", [], False),
@@ -97,7 +101,8 @@ def code_version() -> str:
 
 def base_config(dataset: str, model: str, setting: str, extra: list[str]) -> Config:
     return load_config(None, [f"root={CACHE / 'runs'}", "ray.num_cpus=2", f"scft.run=quality-{setting}-{dataset}-{model}"]
-                       + DATASETS[dataset] + MODELS[model] + SETTINGS[setting] + SCFT[setting] + extra)
+                       + DATASETS[dataset] + MODELS[model] + SETTINGS[setting] + SCFT[setting]
+                       + MODEL_BUDGET.get(model, {}).get("scft", []) + extra)
 
 
 def setting_tag(setting: str, extra: list[str]) -> str:
@@ -143,16 +148,21 @@ def llm_table(cfg: Config, dataset: str, model: str, item_ids: list[str], tuned:
     return np.load(path)
 
 
+def in_budget(args: argparse.Namespace, model: str, dataset: str) -> bool:
+    return args.no_model_budget or dataset in MODEL_BUDGET.get(model, {}).get("datasets", [dataset])
+
+
 def wanted(model: str, backbone: str, variant: str, first_model: str, scft_models: list[str]) -> bool:
-    """Which cells of the product the grid has: ID once (no base model), ablations and other base models on
-    SASRec, SCFT-tuned embeddings only for the models SCFT runs for."""
+    """Which cells of the product the grid has: ID once (no base model), ablations on SASRec with the first
+    base model, the other base models with and without SCFT on SASRec; SCFT-tuned embeddings only for the
+    models SCFT runs for."""
     if variant == "id":
         return model == first_model
     if VARIANTS[variant][2] and model not in scft_models:
         return False
-    if variant in SASREC_ONLY:
-        return backbone == "sasrec"
-    return backbone == "sasrec" or model == first_model
+    if model != first_model:
+        return backbone == "sasrec" and variant in ("llmemb", "llmemb-noscft")
+    return backbone == "sasrec" or variant not in SASREC_ONLY
 
 
 def train_cell(cfg: Config, data, backbone: str, variant: str, llm: np.ndarray | None, srs: np.ndarray | None,
@@ -189,7 +199,7 @@ def srs_file(tag: str, dataset: str, seed: int) -> Path:
 def pending_cells(args: argparse.Namespace, cells: dict, tag: str, dataset: str, seed: int) -> list[tuple[str, str, str]]:
     """(model, backbone, variant) of the grid's cells for this dataset and seed that no cells file holds yet."""
     return [(m, b, v) for m in args.models for b in args.backbones for v in args.variants
-            if wanted(m, b, v, args.models[0], args.scft_models)
+            if wanted(m, b, v, args.models[0], args.scft_models) and in_budget(args, m, dataset)
             and cell_key(tag, dataset, m, b, v, seed) not in cells]
 
 
@@ -225,7 +235,7 @@ def run(args: argparse.Namespace, command: str) -> None:
             prepare(cfg)
             data = load_sequences(cfg)
             if args.embed_only:  # datasets, SCFT and embeddings only: then trainers can run in parallel
-                for model_name in args.models:
+                for model_name in [m for m in args.models if in_budget(args, m, dataset)]:
                     for tuned in (False, True) if model_name in args.scft_models else (False,):
                         llm_table(base_config(dataset, model_name, setting, seed_args), dataset, model_name,
                                   data.item_ids, tuned)
@@ -269,6 +279,7 @@ def grid_tasks(args: argparse.Namespace) -> list[Task]:
     cells = all_cells()
     size = {d: sum(map(len, load_sequences(base_config(d, "minilm", setting, args.set)).seqs)) for d in args.datasets}
     common = ["--scft-models", *args.scft_models, "--threads", "1", "--cell-minutes", str(args.cell_minutes)]
+    common += ["--no-model-budget"] if args.no_model_budget else []
     common += (["--quick"] if args.quick else []) + (["--set", *args.set] if args.set else [])
     ranked = []
     for dataset in args.datasets:
@@ -518,7 +529,7 @@ def main() -> None:
     parser.add_argument("--backbones", nargs="+", choices=["sasrec", "bert4rec", "gru4rec"])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", help="RAT seeds (default 1 2 3; --quick: 1)")
-    parser.add_argument("--scft-models", nargs="*", default=["minilm"],
+    parser.add_argument("--scft-models", nargs="*", default=list(MODELS),
                         help="base models SCFT runs for (variants that need it are skipped for the others)")
     parser.add_argument("--embed-only", action="store_true", help="prepare datasets and cache embeddings, train nothing")
     parser.add_argument("--cell-minutes", type=float, default=0.0,
@@ -527,6 +538,8 @@ def main() -> None:
     parser.add_argument("--cells", default="quality_cells.json",
                         help="cells file under bench/.cache this run writes (all quality_cells*.json are read)")
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides (key=value) for every cell")
+    parser.add_argument("--no-model-budget", action="store_true",
+                        help="every base model on every dataset (MODEL_BUDGET limits the costlier ones' datasets)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="train this many cells at once, each on one thread (2 on a 2-core machine)")
     args = parser.parse_args()

@@ -259,10 +259,9 @@ def _embedded(cfg: Config, plan: Plan, adapter: tuple[str, dict] | None, txn: st
         compute=ActorPoolStrategy(size=e.num_actors),
         num_cpus=e.cpus_per_actor,
         num_gpus=e.gpus_per_actor,
-        # A dead actor is restarted and its batch retried (Ray Data's defaults, stated because
-        # exactly-once relies on them); the idempotent writes and the checksum do the rest.
-        max_restarts=-1,
-        max_task_retries=-1,
+        # Exactly-once relies on Ray Data's actor-pool defaults (max_restarts and max_task_retries -1:
+        # a dead actor is restarted and its batch retried; passing them is deprecated) and on the
+        # idempotent writes and the checksum; the actor-fault test checks the whole.
     )
 
 
