@@ -158,8 +158,9 @@ def fit(
     """
     torch.manual_seed(rcfg.seed)
     # As a model grows confident, values (sigmoids and softmaxes of large logits, their gradients, decaying
-    # Adam moments) reach the denormal range, where CPU arithmetic is up to 50x slower; flushing them to zero
-    # changes no result. Without it an amazon-toys Bert4Rec epoch grew from 11 to 23 s over 85 epochs.
+    # Adam moments) can reach the denormal range, where CPU arithmetic is far slower (a fused Adam step over
+    # denormal moments: 48x); flushing them to zero changes no result. The likely cause of an amazon-toys
+    # Bert4Rec run slowing from 11 to 23 s an epoch over 85 epochs.
     torch.set_flush_denormal(True)
     objective = RatModule(model, srs, rcfg.alpha, rcfg.align_temperature)
     # The only buffers are the frozen tables: nothing to broadcast each step.
