@@ -9,7 +9,8 @@ stopping on validation NDCG@10, or a --cell-minutes budget) and cached in bench/
 so a rerun skips finished cells. Without --jobs the cells train one after another in this process; with
 --jobs N, SCFT and embeddings come first, then each cell is a run of this script on one thread, N at a
 time (a RAT epoch on one thread takes only about 1.1x its time on two: bench/results/rat.md), and each
-writes its own cells file. Several runs by hand (--cells, disjoint --datasets/--seeds) work as well. SCFT runs once per dataset and base model (the real SCFT stage: Ray Train, DeepSpeed,
+writes its own cells file. Several runs by hand (--cells, disjoint --datasets/--seeds) work as well.
+SCFT runs once per dataset and base model (the real SCFT stage: Ray Train, DeepSpeed,
 2 CPU workers; published under bench/.cache/runs/scft/) and is shared by the seeds, which vary RAT only.
 Embeddings of each catalog, bare and SCFT-tuned (the embedding stage's EmbedActor, without Ray), and the
 collaborative SASRec tables used by the alignment loss are cached there too.
@@ -286,12 +287,13 @@ def grid_tasks(args: argparse.Namespace) -> list[Task]:
         for seed in args.seeds:
             pending = pending_cells(args, cells, tag, dataset, seed)
             collab = (args.models[0], "sasrec", "id")
+            name_of = lambda cell: "-".join([dataset, f"seed{seed}", *cell])  # noqa: E731
             after = None
             if needs_collaborative_run(args, pending, srs_file(tag, dataset, seed)):
                 pending = [collab] + [c for c in pending if c != collab]
-                after = f"{dataset}-seed{seed}-{args.models[0]}-sasrec-id"
+                after = name_of(collab)
             for model, backbone, variant in pending:
-                name = f"{dataset}-seed{seed}-{model}-{backbone}-{variant}"
+                name = name_of((model, backbone, variant))
                 argv = ["--datasets", dataset, "--seeds", str(seed), "--models", model, "--backbones", backbone,
                         "--variants", variant, *common]
                 kind = 0 if name == after else 1 if variant == "id" else 2
