@@ -21,9 +21,10 @@ import torch
 from llmemb_dist import storage
 from llmemb_dist.config import load_config, to_dict
 from llmemb_dist.data.catalog import TEXT_HASH, attribute_columns, catalog_table, item_attributes, render_prompt
-from llmemb_dist.embed import embed
+from llmemb_dist.stages.embed.driver import embed
 from llmemb_dist.llm.loading import ItemEncoder, load_backbone, load_tokenizer, resolve_model, tokenize
-from llmemb_dist.prepare import dataset_uri, prepare
+from llmemb_dist.layout import dataset_uri
+from llmemb_dist.stages.prepare.driver import prepare
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 64

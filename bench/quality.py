@@ -42,10 +42,13 @@ import torch
 from llmemb_dist import storage
 from llmemb_dist.config import Config, load_config
 from llmemb_dist.data.catalog import ITEM_ID
-from llmemb_dist.embed_udf import EmbedActor, vectors_of
-from llmemb_dist.evaluate import GROUPS, PROTOCOLS
-from llmemb_dist.prepare import dataset_uri, prepare
-from llmemb_dist.rat import fit, load_sequences
+from llmemb_dist.data.embeddings import vectors_of
+from llmemb_dist.stages.embed.actor import EmbedActor
+from llmemb_dist.stages.rat.evaluate import GROUPS, PROTOCOLS
+from llmemb_dist.layout import dataset_uri
+from llmemb_dist.stages.prepare.driver import prepare
+from llmemb_dist.stages.rat.inputs import load_sequences
+from llmemb_dist.stages.rat.trainer import fit
 from llmemb_dist.srs import build_model
 
 BENCH = Path(__file__).resolve().parent
@@ -116,7 +119,7 @@ def setting_tag(setting: str, extra: list[str]) -> str:
 
 def scft_adapter_files(cfg: Config) -> str:
     """The SCFT stage on this dataset and model (once: a rerun with the same settings finds it published)."""
-    from llmemb_dist.scft import scft
+    from llmemb_dist.stages.scft.driver import scft
 
     uri = scft(cfg)
     return storage.join(storage.data_uri(uri, storage.read_manifest(uri)), "adapter")
@@ -125,7 +128,7 @@ def scft_adapter_files(cfg: Config) -> str:
 def llm_table(cfg: Config, dataset: str, model: str, item_ids: list[str], tuned: bool) -> np.ndarray:
     """Embeddings of the catalog by the bare or the SCFT-tuned base model, row k - 1 for item k,
     through the embedding stage's actor code."""
-    from llmemb_dist.scft import stage_hash
+    from llmemb_dist.stages.scft.driver import stage_hash
 
     path = CACHE / "emb" / (f"{dataset}-{model}-scft{stage_hash(cfg)[:8]}.npy" if tuned else f"{dataset}-{model}.npy")
     if not path.exists():

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from llmemb_dist.cluster import init_ray
+from llmemb_dist.distributed.cluster import init_ray
 from llmemb_dist.config import load_config
-from llmemb_dist.prepare import prepare
-from llmemb_dist.rat import load_sequences, train_variant
+from llmemb_dist.stages.prepare.driver import prepare
+from llmemb_dist.stages.rat.inputs import load_sequences
+from llmemb_dist.stages.rat.worker import train_variant
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-toys"
 SETUPS = [("1 worker x 2 CPUs", 1, 2.0), ("1 worker x 1 CPU", 1, 1.0), ("2 workers x 1 CPU", 2, 1.0)]

@@ -25,14 +25,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from llmemb_dist import storage  # noqa: E402
-from llmemb_dist.cluster import init_ray  # noqa: E402
+from llmemb_dist.distributed.cluster import init_ray  # noqa: E402
 from llmemb_dist.config import Config, load_config  # noqa: E402
 from llmemb_dist.data.catalog import ITEM_ID, attribute_columns, item_attributes  # noqa: E402
 from llmemb_dist.llm.loading import shipped_model_path, tokenize  # noqa: E402
-from llmemb_dist.prepare import dataset_uri, prepare  # noqa: E402
-from llmemb_dist.scft import adapter_uri, scft  # noqa: E402
-from llmemb_dist.scft_data import Views, batch_indices  # noqa: E402
-from llmemb_dist.scft_worker import build_model  # noqa: E402
+from llmemb_dist.layout import adapter_uri, dataset_uri  # noqa: E402
+from llmemb_dist.stages.prepare.driver import prepare  # noqa: E402
+from llmemb_dist.stages.scft.driver import scft  # noqa: E402
+from llmemb_dist.stages.scft.batches import Views, batch_indices  # noqa: E402
+from llmemb_dist.stages.scft.model import build_contrastive_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 STEPS, WARMUP, BATCH = 30, 10, 16
@@ -50,7 +51,7 @@ def bare_loop_items_per_s(cfg: Config) -> float:
     columns = attribute_columns(table.schema)
     items = [item_attributes(r, columns) for r in table.to_pylist()]
     s = cfg.scft
-    model, tokenizer = build_model(cfg)
+    model, tokenizer = build_contrastive_model(cfg)
     model.train()
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr)
     views = Views(items, cfg.model.instruction, s.drop_ratio, s.augmentation, s.seed, 0)

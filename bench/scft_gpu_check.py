@@ -4,7 +4,7 @@
   python bench/scft_gpu_check.py --cpu --tiny --out DIR  # the same code on CPU (gloo, fp32, tiny model)
 
 The device machine has no Ray (its wheel is too large to carry), so this drives the project's
-own worker pieces directly: scft_worker.build_model (LoRA + ContrastiveModel, partitioned load
+own worker pieces directly: stages.scft.model.build_contrastive_model (LoRA + ContrastiveModel, partitioned load
 under ZeRO-3), distributed/engine.py (DeepSpeed ZeRO-2 and ZeRO-3, world size 1), the InfoNCE
 loss, gradient checkpointing, and llm/loading.ItemEncoder for the embedding forward. The model
 is a random Llama built here; the tokenizer is a byte-level BPE trained here on the prompts; the
@@ -37,10 +37,10 @@ import torch.distributed as dist  # noqa: E402
 
 from llmemb_dist.config import Config, load_config  # noqa: E402
 from llmemb_dist.data.catalog import render_prompt  # noqa: E402
-from llmemb_dist.distributed import engine as ds  # noqa: E402
+from llmemb_dist.distributed import engine as ds_engine  # noqa: E402
 from llmemb_dist.llm.loading import ItemEncoder, load_backbone, resolve_model, tokenize  # noqa: E402
-from llmemb_dist.scft_data import Views, batch_indices  # noqa: E402
-from llmemb_dist.scft_worker import build_model, engine_spec  # noqa: E402
+from llmemb_dist.stages.scft.batches import Views, batch_indices  # noqa: E402
+from llmemb_dist.stages.scft.model import build_contrastive_model, engine_spec  # noqa: E402
 
 BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense bf16 tensor-core peak (SXM), from NVIDIA's datasheets
 # (hidden, intermediate, layers, heads, kv heads): TinyLlama-1.1B's shape, and a tiny one for the CPU run.
@@ -99,11 +99,11 @@ def sync(cpu: bool) -> None:
 
 
 def train(cfg: Config, items, args) -> dict:
-    """Timed SCFT steps, exactly as a worker runs them (scft_worker.train_worker without Ray)."""
+    """Timed SCFT steps, exactly as a worker runs them (stages/scft/worker.py without Ray)."""
     if not args.cpu:
         torch.cuda.reset_peak_memory_stats()
-    model, tokenizer = build_model(cfg)
-    engine = ds.build_engine(model, engine_spec(cfg))
+    model, tokenizer = build_contrastive_model(cfg)
+    engine = ds_engine.build_engine(model, engine_spec(cfg))
     s = cfg.scft
     views = Views(items, cfg.model.instruction, s.drop_ratio, s.augmentation, s.seed, 0)
     engine.train()

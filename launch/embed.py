@@ -3,7 +3,7 @@ python launch/embed.py configs/default.yaml [embed.version=v2 embed.incremental_
 import sys
 
 from llmemb_dist.cli import main
-from llmemb_dist.embed import embed
+from llmemb_dist.stages.embed.driver import embed
 
 if __name__ == "__main__":
     sys.exit(main("embed", embed))

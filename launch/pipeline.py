@@ -6,7 +6,7 @@ from the same config and inputs; prints where the embeddings are and the ID vs L
 import sys
 
 from llmemb_dist.cli import main
-from llmemb_dist.pipeline import pipeline
+from llmemb_dist.stages.pipeline import pipeline
 
 if __name__ == "__main__":
     sys.exit(main("pipeline", pipeline))

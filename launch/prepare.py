@@ -2,7 +2,7 @@
 import sys
 
 from llmemb_dist.cli import main
-from llmemb_dist.prepare import prepare
+from llmemb_dist.stages.prepare.driver import prepare
 
 if __name__ == "__main__":
     sys.exit(main("prepare", prepare))

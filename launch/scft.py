@@ -2,7 +2,7 @@
 import sys
 
 from llmemb_dist.cli import main
-from llmemb_dist.scft import scft
+from llmemb_dist.stages.scft.driver import scft
 
 if __name__ == "__main__":
     sys.exit(main("scft", scft))

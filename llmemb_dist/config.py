@@ -21,6 +21,15 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
+ZeroStage = Literal[0, 1, 2, 3]
+
+
+def bounded(default: float, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False) -> Any:
+    """A scalar field whose value must lie in the range; `load_config` refuses others by the key's name."""
+    return field(default=default, metadata={"range": (low, high, low_open, high_open)})
+
+
 @dataclass
 class DatasetConfig:
     name: str = "ml-100k"
@@ -30,20 +39,20 @@ class DatasetConfig:
     source: str = "recbole:ml-100k"
     metadata: str = ""  # amazon only: the metadata JSON lines file
     attributes: list[str] = field(default_factory=list)  # item columns kept as attributes; empty = all
-    k_core: int = 0  # iterative: every user and item keeps at least k interactions; 0 = off
-    min_seq_len: int = 0  # users with fewer events are dropped (after k-core)
-    max_seq_len: int = 0  # keep each user's most recent events; 0 = no limit
-    max_attr_chars: int = 0  # attribute values are cut to this many characters; 0 = no cut
-    max_items: int = 0  # keep only the most popular items (a small slice for tests); 0 = all
-    num_shards: int = 4
+    k_core: int = bounded(0, low=0)  # iterative: every user and item keeps at least k interactions; 0 = off
+    min_seq_len: int = bounded(0, low=0)  # users with fewer events are dropped (after k-core)
+    max_seq_len: int = bounded(0, low=0)  # keep each user's most recent events; 0 = no limit
+    max_attr_chars: int = bounded(0, low=0)  # attribute values are cut to this many characters; 0 = no cut
+    max_items: int = bounded(0, low=0)  # keep only the most popular items (a small slice for tests); 0 = all
+    num_shards: int = bounded(4, low=1)
 
 
 @dataclass
 class LoraConfig:
     enabled: bool = True
-    r: int = 8
-    alpha: int = 32
-    dropout: float = 0.1
+    r: int = bounded(8, low=1)
+    alpha: int = bounded(32, low=1)
+    dropout: float = bounded(0.1, low=0.0, high=1.0, high_open=True)
     # "auto" picks the attention/MLP projections the model has (Llama: q,k,v,o,gate,up,down; BERT: query,key,value,dense).
     target_modules: list[str] = field(default_factory=lambda: ["auto"])
 
@@ -55,7 +64,7 @@ class ModelConfig:
     gguf_file: str = ""  # file name inside `path` when `path` is a folder holding GGUF files
     pooling: Literal["mean", "last"] = "mean"
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    max_length: int = 128
+    max_length: int = bounded(128, low=1)
     instruction: str = "The item information is given as follows. Compress it into one embedding:"
     gradient_checkpointing: bool = False
     cache_dir: str = "~/.cache/llmemb_dist/models"  # per-node copy of models fetched from storage
@@ -65,28 +74,36 @@ class ModelConfig:
 @dataclass
 class ScftConfig:
     run: str = "default"
-    num_workers: int = 2
+    num_workers: int = bounded(2, low=1)
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    zero_stage: int = 2
+    cpus_per_worker: float = bounded(1.0, low=0.0, low_open=True)
+    zero_stage: ZeroStage = 2
     offload_optimizer: bool = False
-    batch_size: int = 16  # items per worker per step; each item gives two views
-    steps: int = 100
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    drop_ratio: float = 0.4
+    # items per worker per step; each item gives two views, and a contrastive batch needs negatives
+    batch_size: int = bounded(16, low=2)
+    steps: int = bounded(100, low=1)
+    lr: float = bounded(2e-4, low=0.0, low_open=True)
+    weight_decay: float = bounded(0.0, low=0.0)
+    warmup_steps: int = bounded(0, low=0)
+    drop_ratio: float = bounded(0.4, low=0.0, high=1.0, high_open=True)
     augmentation: Literal["fresh", "reference"] = "fresh"
     loss: Literal["infonce", "reference"] = "infonce"
-    temperature_init: float = 0.05
-    temperature_min: float = 0.01
-    temperature_max: float = 1.0
+    temperature_init: float = bounded(0.05, low=0.0, low_open=True)
+    temperature_min: float = bounded(0.01, low=0.0, low_open=True)
+    temperature_max: float = bounded(1.0, low=0.0, low_open=True)
     gather_negatives: bool = True
-    checkpoint_every: int = 50
-    max_failures: int = 2
-    fail_at_step: int = -1  # fault injection: worker rank 0 raises once at this step; -1 = off
-    log_every: int = 1
+    checkpoint_every: int = bounded(50, low=1)
+    max_failures: int = bounded(2, low=-1)  # -1 = retry without limit (Ray Train's convention)
+    fail_at_step: int = bounded(-1, low=-1)  # fault injection: worker rank 0 raises once at this step; -1 = off
+    log_every: int = bounded(1, low=1)
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        if not self.temperature_min <= self.temperature_init <= self.temperature_max:
+            raise ConfigError(
+                f"scft.temperature_init {self.temperature_init} must lie in "
+                f"[scft.temperature_min {self.temperature_min}, scft.temperature_max {self.temperature_max}]"
+            )
 
 
 @dataclass
@@ -94,49 +111,54 @@ class EmbedConfig:
     version: str = "default"
     # "auto": the adapter of scft.run if it is published, else the bare base model; "none": bare base model; or a URI.
     adapter: str = "auto"
-    batch_size: int = 64
-    num_actors: int = 1
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    pca_dim: int = 0  # 0 = keep the model's dimension
+    batch_size: int = bounded(64, low=1)
+    num_actors: int = bounded(1, low=1)
+    cpus_per_actor: float = bounded(1.0, low=0.0)
+    gpus_per_actor: float = bounded(0.0, low=0.0)
+    pca_dim: int = bounded(0, low=0)  # 0 = keep the model's dimension
     incremental_from: str = ""  # a previous version to reuse unchanged items from
     fail_actor_once: bool = False  # fault injection: one actor dies once mid-run
-    rows_per_file: int = 100_000  # rows per output Parquet file
+    rows_per_file: int = bounded(100_000, low=1)  # rows per output Parquet file
 
 
 @dataclass
 class EvalConfig:
-    num_negatives: int = 100
+    num_negatives: int = bounded(100, low=1)
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
-    head_fraction: float = 0.2  # the most popular items (by training interactions) that count as head
-    short_user_max_len: int = 10  # users with at most this many training events are "short"
+    # the most popular items (by training interactions) that count as head
+    head_fraction: float = bounded(0.2, low=0.0, high=1.0, low_open=True, high_open=True)
+    short_user_max_len: int = bounded(10, low=0)  # users with at most this many training events are "short"
     seed: int = 42
     select_protocol: Literal["sampled", "full"] = "sampled"  # which validation NDCG@10 early stopping watches
+
+    def __post_init__(self) -> None:
+        if not self.ks or min(self.ks) < 1:
+            raise ConfigError(f"rat.eval.ks must be a non-empty list of cut-offs of at least 1, got {self.ks}")
 
 
 @dataclass
 class RatConfig:
     run: str = "default"
     embeddings: str = "default"  # an embeddings version under <root>/embeddings, or a URI
-    embedding_dim: int = 0  # expected LLM embedding dimension; 0 = take it from the embeddings
+    embedding_dim: int = bounded(0, low=0)  # expected LLM embedding dimension; 0 = take it from the embeddings
     backbone: Literal["sasrec", "bert4rec", "gru4rec"] = "sasrec"
     # llm_id: adapted LLM vector + ID vector; llm_frozen: PCA of the LLM table, nothing trained (srs/items.py)
     item_repr: Literal["id", "llm", "llm_id", "llm_frozen"] = "llm"
-    hidden: int = 128
-    layers: int = 2
-    heads: int = 1
-    dropout: float = 0.5
-    max_len: int = 200
-    adapter_hidden: int = 768
-    alpha: float = 0.01
-    align_temperature: float = 2.0
-    mask_prob: float = 0.6  # Bert4Rec
-    batch_size: int = 128
-    lr: float = 1e-3
-    epochs: int = 200
-    patience: int = 20
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
+    hidden: int = bounded(128, low=1)
+    layers: int = bounded(2, low=1)
+    heads: int = bounded(1, low=1)
+    dropout: float = bounded(0.5, low=0.0, high=1.0, high_open=True)
+    max_len: int = bounded(200, low=2)
+    adapter_hidden: int = bounded(768, low=1)
+    alpha: float = bounded(0.01, low=0.0)
+    align_temperature: float = bounded(2.0, low=0.0, low_open=True)
+    mask_prob: float = bounded(0.6, low=0.0, high=1.0, low_open=True, high_open=True)  # Bert4Rec
+    batch_size: int = bounded(128, low=1)
+    lr: float = bounded(1e-3, low=0.0, low_open=True)
+    epochs: int = bounded(200, low=1)
+    patience: int = bounded(20, low=1)
+    num_workers: int = bounded(1, low=1)
+    cpus_per_worker: float = bounded(1.0, low=0.0, low_open=True)
     seed: int = 42
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -144,7 +166,7 @@ class RatConfig:
 @dataclass
 class RayConfig:
     address: str = ""  # empty: $RAY_ADDRESS if set, else an embedded local Ray
-    num_cpus: int = 0  # embedded Ray only; 0 = all cores
+    num_cpus: int = bounded(0, low=0)  # embedded Ray only; 0 = all cores
 
 
 @dataclass
@@ -218,7 +240,22 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     if unknown:
         raise ConfigError(f"unknown config key {prefix + unknown[0]!r} (known: {', '.join(sorted(names))})")
     kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in raw.items()}
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs and "range" in f.metadata:
+            _check_range(prefix + f.name, kwargs[f.name], *f.metadata["range"])
     return cls(**kwargs)
+
+
+def _check_range(key: str, value: float, low: float | None, high: float | None, low_open: bool, high_open: bool) -> None:
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if not (too_low or too_high):
+        return
+    if high is None:
+        wanted = f"greater than {low:g}" if low_open else f"at least {low:g}"
+    else:
+        wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ConfigError(f"config key {key!r} must be {wanted}, got {value!r}")
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -226,7 +263,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return _build(tp, value if value is not None else {}, key + ".")
     origin = typing.get_origin(tp)
     if origin is Literal:
-        if value not in typing.get_args(tp):
+        # Typed membership: `True` and `2.0` are not the Literal's 1 and 2.
+        if not any(value == option and type(value) is type(option) for option in typing.get_args(tp)):
             raise ConfigError(f"config key {key!r} must be one of {list(typing.get_args(tp))}, got {value!r}")
         return value
     if origin is list:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -33,6 +34,8 @@ MANIFEST_FORMAT = "llmemb-dist/1"
 S3_CONNECT_TIMEOUT = 3
 S3_REQUEST_TIMEOUT = 30
 S3_MAX_ATTEMPTS = 2
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(IOError):
@@ -272,6 +275,26 @@ def read_manifest(uri: str) -> dict[str, Any]:
 
 def is_published(uri: str) -> bool:
     return exists(join(uri, MANIFEST))
+
+
+def already_published(uri: str, identity: dict[str, Any], what: str, *, hint: str = "",
+                      differs: str = "another config or other inputs", replace: bool = False) -> bool:
+    """The publish-or-skip guard every stage runs before any work.
+
+    True when `uri` is published and its manifest has exactly the `identity` fields (a config
+    hash, the inputs): the work is done. False when it is not published, or when it differs and
+    `replace` allows publishing over it. Otherwise it refuses with AlreadyPublished: a published
+    output is never silently replaced by a different one.
+    """
+    if not is_published(uri):
+        return False
+    manifest = read_manifest(uri)
+    if all(manifest.get(key) == value for key, value in identity.items()):
+        log.info("%s %s is already published from this config and these inputs: nothing to do", what, uri)
+        return True
+    if replace:
+        return False
+    raise AlreadyPublished(f"{uri} is published from {differs}" + (f"; {hint}" if hint else ""))
 
 
 def data_uri(uri: str, manifest: dict[str, Any] | None = None) -> str:

@@ -14,12 +14,13 @@ import torch
 from llmemb_dist import storage
 from llmemb_dist.config import Config, ConfigError, load_config, to_dict
 from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH, attribute_columns, catalog_table, item_attributes, render_prompt
-from llmemb_dist.embed import embed, embeddings_uri
-from llmemb_dist.embed_udf import vectors_of
+from llmemb_dist.layout import dataset_uri, embeddings_uri
+from llmemb_dist.stages.embed.driver import embed
+from llmemb_dist.data.embeddings import vectors_of
 from llmemb_dist.llm.loading import (
     ItemEncoder, attach_lora, base_model_info, load_adapter, load_backbone, load_tokenizer, resolve_model, tokenize,
 )
-from llmemb_dist.prepare import dataset_uri, prepare
+from llmemb_dist.stages.prepare.driver import prepare
 
 MAX_ITEMS = 40
 
@@ -127,7 +128,7 @@ def test_incremental_equals_full_and_unchanged_rerun_does_no_model_work(ray_loca
     catalog = storage.read_table(dataset_uri(changed), "catalog")
     assert_matches(uri, reference_vectors(changed, catalog), catalog)
 
-    caplog.set_level(logging.INFO, logger="llmemb_dist.embed")
+    caplog.set_level(logging.INFO, logger="llmemb_dist.stages.embed")
     again = make_cfg(root, "minilm", "dataset.name=changed", "embed.version=v3", "embed.incremental_from=v2")
     again_uri = embed(again)
     assert storage.read_manifest(again_uri)["counts"] == {"items": MAX_ITEMS - 1, "new": 0, "reused": MAX_ITEMS - 1, "removed": 0}
@@ -207,7 +208,7 @@ def test_incremental_after_a_new_encoder_embeds_every_item(ray_local, tmp_path, 
     with storage.publish(embeddings_uri(cfg, "v1"), kind="embeddings", config={}, config_hash="old") as pub:
         pub.write_table("embeddings", pa.table({ITEM_ID: ["1"], TEXT_HASH: ["h"], "embedding": pa.array([[0.0] * 384], pa.list_(pa.float32(), 384))}))
         pub.info.update(dim=384, encoder="an-older-adapter")
-    caplog.set_level(logging.WARNING, logger="llmemb_dist.embed")
+    caplog.set_level(logging.WARNING, logger="llmemb_dist.stages.embed")
     uri = embed(cfg)
     assert "no vector can be reused" in caplog.text
     assert storage.read_manifest(uri)["counts"] == {"items": MAX_ITEMS, "new": MAX_ITEMS, "reused": 0, "removed": 0}

@@ -6,7 +6,7 @@ import torch
 
 from llmemb_dist.config import EvalConfig
 from llmemb_dist.data.sequences import build_sequences
-from llmemb_dist.evaluate import Scorer, evaluate, head_items, make_split, metrics_from_ranks, popularity_scorer, ranks
+from llmemb_dist.stages.rat.evaluate import Scorer, evaluate, head_items, make_split, metrics_from_ranks, popularity_scorer, ranks
 
 
 def test_metrics_on_known_ranks():

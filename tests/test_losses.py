@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from llmemb_dist.distributed.collective import gather_with_local_grad
 from llmemb_dist.llm import losses
 
 
@@ -67,5 +68,5 @@ def test_alignment_and_uniformity():
 
 def test_gather_without_process_group_is_identity():
     x = torch.randn(3, 4, requires_grad=True)
-    out, offset = losses.gather_with_local_grad(x)
+    out, offset = gather_with_local_grad(x)
     assert out is x and offset == 0

@@ -23,10 +23,10 @@ from safetensors.torch import load_file
 from llmemb_dist import storage
 from llmemb_dist.config import Config, load_config
 from llmemb_dist.distributed.ray_train import InsufficientResources, run_training
-from llmemb_dist.embed import embed, embeddings_uri
-from llmemb_dist.prepare import dataset_uri, prepare
-from llmemb_dist.scft import adapter_uri, scft
-from llmemb_dist.scft_worker import run_dir_uri
+from llmemb_dist.layout import adapter_uri, dataset_uri, embeddings_uri, scft_run_uri
+from llmemb_dist.stages.embed.driver import embed
+from llmemb_dist.stages.prepare.driver import prepare
+from llmemb_dist.stages.scft.driver import scft
 
 from test_embed import assert_matches, reference_vectors
 
@@ -126,7 +126,7 @@ def test_scft_zero3_loses_a_node_resumes_from_s3_and_equals_an_uninterrupted_run
 
     lossy = scft_cfg(s3_root, model, tmp_path / "driver-cache", run="lossy")
     # Ray Train writes its snapshot once the first checkpoint (step 4 of 8) is registered.
-    snapshot = storage.join(run_dir_uri(lossy), "checkpoints", "checkpoint_manager_snapshot.json")
+    snapshot = storage.join(scft_run_uri(lossy), "checkpoints", "checkpoint_manager_snapshot.json")
     run = Background(scft, lossy)
     run.start()
     loss = lose_a_node(nodes, run, lambda: storage.exists(snapshot), adapter_uri(lossy))

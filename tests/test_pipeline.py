@@ -5,10 +5,8 @@ import pytest
 
 from llmemb_dist import storage
 from llmemb_dist.config import ConfigError, load_config
-from llmemb_dist.embed import embeddings_uri
-from llmemb_dist.pipeline import pipeline, report_uri
-from llmemb_dist.rat import rat_uri
-from llmemb_dist.scft import adapter_uri
+from llmemb_dist.layout import adapter_uri, embeddings_uri, rat_result_uri, report_uri
+from llmemb_dist.stages.pipeline import pipeline
 
 from conftest import REPO
 
@@ -22,7 +20,7 @@ def _cfg(root, model_dir, *extra):
 
 
 def _published(cfg):
-    uris = [adapter_uri(cfg), embeddings_uri(cfg), rat_uri(cfg), report_uri(cfg)]
+    uris = [adapter_uri(cfg), embeddings_uri(cfg), rat_result_uri(cfg), report_uri(cfg)]
     return {u: storage.read_manifest(u)["data_dir"] for u in uris if storage.is_published(u)}
 
 
@@ -33,7 +31,7 @@ def test_pipeline_on_s3_end_to_end(ray_local, s3_root, tiny_llama_dir, capsys):
     assert uri.startswith("s3://") and len(_published(cfg)) == 4
     out = capsys.readouterr().out
     assert "Adapted item embeddings (the product): s3://" in out and "sasrec-llm" in out and "sasrec-id" in out
-    items = storage.read_table(rat_uri(cfg), "item_embeddings")
+    items = storage.read_table(rat_result_uri(cfg), "item_embeddings")
     assert items.num_rows == storage.read_manifest(embeddings_uri(cfg))["counts"]["items"]
     report = storage.read_bytes(storage.join(storage.data_uri(uri), "report.md")).decode()
     assert "loss.png" in report and "head_tail.png" in report and "valid_curve.png" in report

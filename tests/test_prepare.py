@@ -9,7 +9,8 @@ import pytest
 from llmemb_dist import storage
 from llmemb_dist.config import load_config
 from llmemb_dist.data.catalog import attribute_columns
-from llmemb_dist.prepare import dataset_uri, prepare
+from llmemb_dist.layout import dataset_uri
+from llmemb_dist.stages.prepare.driver import prepare
 from llmemb_dist.storage import DataError
 
 from conftest import SHARED_DATA

@@ -8,10 +8,15 @@ import pytest
 
 from llmemb_dist import storage
 from llmemb_dist.config import load_config
-from llmemb_dist.evaluate import evaluate, make_split, popularity_scorer
-from llmemb_dist.embed_udf import EmbedActor, vectors_of
-from llmemb_dist.prepare import dataset_uri, prepare
-from llmemb_dist.rat import fit, load_llm_table, load_sequences, rat, rat_uri, train_variant
+from llmemb_dist.stages.rat.evaluate import evaluate, make_split, popularity_scorer
+from llmemb_dist.data.embeddings import vectors_of
+from llmemb_dist.stages.embed.actor import EmbedActor
+from llmemb_dist.layout import dataset_uri, rat_result_uri
+from llmemb_dist.stages.prepare.driver import prepare
+from llmemb_dist.stages.rat.driver import rat
+from llmemb_dist.stages.rat.inputs import load_llm_table, load_sequences
+from llmemb_dist.stages.rat.trainer import fit
+from llmemb_dist.stages.rat.worker import train_variant
 from llmemb_dist.srs import build_model
 
 FAST = ["rat.max_len=30", "rat.hidden=64", "rat.dropout=0.2", "rat.lr=0.003"]
@@ -85,7 +90,7 @@ def test_rat_end_to_end_on_s3(s3_root, ray_local):
     data = load_sequences(cfg)
     publish_embeddings(storage.join(s3_root, "embeddings", "toy"), data.item_ids, 24)
     uri = rat(cfg)
-    assert uri == rat_uri(cfg)
+    assert uri == rat_result_uri(cfg)
     manifest = storage.read_manifest(uri)
     assert manifest["kind"] == "rat" and manifest["embeddings_input"].endswith("/embeddings/toy")
     items = storage.read_table(uri, "item_embeddings")

@@ -12,7 +12,7 @@ import pytest
 
 from llmemb_dist import storage
 from llmemb_dist.config import load_config
-from llmemb_dist.prepare import prepare
+from llmemb_dist.stages.prepare.driver import prepare
 
 from conftest import REPO, free_port
 

@@ -10,9 +10,9 @@ import torch
 from llmemb_dist import storage
 from llmemb_dist.config import load_config
 from llmemb_dist.distributed.engine import CHECKPOINT_TAG, consolidated_checkpoint_weights
-from llmemb_dist.prepare import prepare
-from llmemb_dist.scft import adapter_uri, scft
-from llmemb_dist.scft_worker import run_dir_uri
+from llmemb_dist.stages.prepare.driver import prepare
+from llmemb_dist.layout import adapter_uri, scft_run_uri
+from llmemb_dist.stages.scft.driver import scft
 
 
 def scft_config(root: str, model: Path, *extra: str):
@@ -53,8 +53,8 @@ def test_zero2_survives_a_worker_failure(ray_local, s3_root, tiny_llama_dir, tmp
     assert manifest["kind"] == "scft_adapter" and manifest["steps"] == 8
     assert manifest["base_model"]["fingerprint"]
     assert "plots/loss.png" in manifest["files"]
-    assert storage.exists(storage.join(run_dir_uri(cfg), "fault_injected"))  # the failure did happen
-    assert {"step_00000004", "step_00000008"} <= set(storage.list_dirs(storage.join(run_dir_uri(cfg), "checkpoints")))
+    assert storage.exists(storage.join(scft_run_uri(cfg), "fault_injected"))  # the failure did happen
+    assert {"step_00000004", "step_00000008"} <= set(storage.list_dirs(storage.join(scft_run_uri(cfg), "checkpoints")))
     metrics = published_metrics(cfg)
     assert [m["step"] for m in metrics] == list(range(1, 9))  # every step once, none repeated after the restart
     assert manifest["final_loss"] == metrics[-1]["loss"]
@@ -77,7 +77,7 @@ def test_zero3_resumes_after_driver_restart_and_saves_the_engine_weights(ray_loc
 
     # The adapter gathered from the ZeRO-3 shards equals the weights DeepSpeed's own
     # zero_to_fp32 rebuilds from the final checkpoint's optimizer partitions.
-    ckpt = storage.download_dir(storage.join(run_dir_uri(cfg), "checkpoints", "step_00000008"), tmp_path / "ckpt")
+    ckpt = storage.download_dir(storage.join(scft_run_uri(cfg), "checkpoints", "step_00000008"), tmp_path / "ckpt")
     assert (ckpt / CHECKPOINT_TAG).is_dir()
     engine_weights = consolidated_checkpoint_weights(ckpt)
     peft_model = load_published_adapter(cfg, tiny_llama_dir, tmp_path)

@@ -10,9 +10,10 @@ from llmemb_dist import storage
 from llmemb_dist.config import ConfigError, load_config
 from llmemb_dist.data.catalog import augment
 from llmemb_dist.distributed.engine import EngineSpec, deepspeed_config
-from llmemb_dist.prepare import dataset_uri, prepare
-from llmemb_dist.scft import adapter_uri, scft
-from llmemb_dist.scft_data import Views, batch_indices
+from llmemb_dist.layout import adapter_uri, dataset_uri
+from llmemb_dist.stages.prepare.driver import prepare
+from llmemb_dist.stages.scft.driver import scft
+from llmemb_dist.stages.scft.batches import Views, batch_indices
 
 
 def base_config(root, model, *extra):

@@ -57,6 +57,17 @@ def test_failed_overwrite_leaves_earlier_version(root):
     assert len([d for d in storage.list_dirs(uri) if d.startswith("data-")]) >= 1
 
 
+def test_publish_or_skip_guard(tmp_path):
+    uri = str(tmp_path / "out")
+    assert not storage.already_published(uri, {"config_hash": "h"}, "thing")  # nothing there: do the work
+    _publish(uri, _table())
+    assert storage.already_published(uri, {"config_hash": "h"}, "thing")  # same identity: nothing to do
+    with pytest.raises(AlreadyPublished, match="is published from another config or other inputs; pick another"):
+        storage.already_published(uri, {"config_hash": "other"}, "thing", hint="pick another")
+    assert not storage.already_published(uri, {"config_hash": "other"}, "thing", replace=True)
+    assert storage.read_table(uri, "items").equals(_table())  # the guard never touches what is published
+
+
 def test_second_publisher_is_refused_and_first_stays(root):
     uri = storage.join(root, "race")
     # Two jobs that both saw "not published" and both reach the commit: only one may win.

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pandas as pd
 import pyarrow as pa
@@ -68,6 +68,12 @@ def augment(attrs: Sequence[tuple[str, str]], drop_ratio: float, rng: random.Ran
     return view[:keep]
 
 
+def refuse_rows(bad: pd.Series, message: Callable[[int], str]) -> None:
+    """Raises DataError with `message(row)` for the first True row of a boolean column, if any."""
+    if bad.any():
+        raise DataError(message(int(bad.to_numpy().argmax())))
+
+
 def validate_catalog(df: pd.DataFrame, source: str) -> None:
     """Raises DataError naming `source` (a file) and the offending field or row."""
     if ITEM_ID not in df.columns:
@@ -77,13 +83,8 @@ def validate_catalog(df: pd.DataFrame, source: str) -> None:
     if not attribute_columns(list(df.columns)):
         raise DataError(f"{source}: the catalog has no attribute columns besides {ITEM_ID!r}")
     ids = df[ITEM_ID]
-    blank = ids.isna() | (ids.astype(str).str.strip() == "")
-    if blank.any():
-        raise DataError(f"{source}: row {int(blank.to_numpy().argmax())} has an empty {ITEM_ID!r}")
-    dup = ids.duplicated()
-    if dup.any():
-        row = int(dup.to_numpy().argmax())
-        raise DataError(f"{source}: duplicate {ITEM_ID} {ids.iloc[row]!r} at row {row}")
+    refuse_rows(ids.isna() | (ids.astype(str).str.strip() == ""), lambda row: f"{source}: row {row} has an empty {ITEM_ID!r}")
+    refuse_rows(ids.duplicated(), lambda row: f"{source}: duplicate {ITEM_ID} {ids.iloc[row]!r} at row {row}")
 
 
 def validate_interactions(df: pd.DataFrame, known_items: set[str], source: str) -> None:
@@ -91,12 +92,8 @@ def validate_interactions(df: pd.DataFrame, known_items: set[str], source: str) 
     if missing:
         raise DataError(f"{source}: missing required column {missing[0]!r} (columns: {list(df.columns)})")
     unknown = ~df[ITEM_ID].isin(known_items)
-    if unknown.any():
-        row = int(unknown.to_numpy().argmax())
-        raise DataError(
-            f"{source}: row {row} names item {df[ITEM_ID].iloc[row]!r}, which is not in the catalog "
-            f"({int(unknown.sum())} such rows)"
-        )
+    refuse_rows(unknown, lambda row: f"{source}: row {row} names item {df[ITEM_ID].iloc[row]!r}, which is not in the "
+                                     f"catalog ({int(unknown.sum())} such rows)")
 
 
 def catalog_table(df: pd.DataFrame) -> pa.Table:

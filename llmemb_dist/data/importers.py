@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pandas as pd
 
-from llmemb_dist.data.catalog import ITEM_ID, TIMESTAMP, USER_ID
+from llmemb_dist.data.catalog import ITEM_ID, TIMESTAMP, USER_ID, refuse_rows
 from llmemb_dist.storage import DataError
 
 RECBOLE_PREFIX = "recbole:"
@@ -90,10 +90,8 @@ def _read_atomic(path: Path) -> pd.DataFrame:
 
 def _int_timestamps(values: pd.Series, source: Path, first_line: int) -> pd.Series:
     numeric = pd.to_numeric(values, errors="coerce")
-    bad = numeric.isna()
-    if bad.any():
-        row = int(bad.to_numpy().argmax())
-        raise DataError(f"{source}: line {row + first_line}: timestamp {values.iloc[row]!r} is not a number")
+    refuse_rows(numeric.isna(),
+                lambda row: f"{source}: line {row + first_line}: timestamp {values.iloc[row]!r} is not a number")
     return numeric.astype("int64")
 
 

@@ -15,15 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmemb_dist.config import ConfigError
+from llmemb_dist.config import ZeroStage
 
-ZERO_STAGES = (0, 1, 2, 3)
 CHECKPOINT_TAG = "ds"  # a fixed tag: the Ray Train checkpoint folder already names the step
 
 
 @dataclass(frozen=True)
 class EngineSpec:
-    zero_stage: int
+    zero_stage: ZeroStage  # checked by the config layer, like every value that reaches here
     dtype: str  # fp32 | bf16 | fp16
     micro_batch: int
     lr: float
@@ -34,16 +33,10 @@ class EngineSpec:
     gradient_clipping: float = 1.0
 
 
-def check_zero_stage(stage: int) -> None:
-    if stage not in ZERO_STAGES:
-        raise ConfigError(f"scft.zero_stage must be one of {list(ZERO_STAGES)}, got {stage}")
-
-
 def deepspeed_config(spec: EngineSpec, params: int = 0, trainable: int = 0) -> dict[str, Any]:
     """The DeepSpeed config; `params` and `trainable` (element counts) size the buffers to the model."""
-    check_zero_stage(spec.zero_stage)
-    # torch's AdamW instead of DeepSpeed's JIT-built cpu_adam/fused_adam (a ~30 s compile on
-    # each new machine); only optimizer offload on GPUs wants DeepSpeed's vectorised CPU Adam.
+    # torch's AdamW instead of DeepSpeed's JIT-built cpu_adam/fused_adam (a C++ compile on each
+    # new machine); only optimizer offload on GPUs wants DeepSpeed's vectorised CPU Adam.
     torch_adam = not (spec.use_gpu and spec.offload_optimizer)
     zero: dict[str, Any] = {"stage": spec.zero_stage}
     if spec.offload_optimizer:

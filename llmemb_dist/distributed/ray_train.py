@@ -1,7 +1,16 @@
-"""Starting Ray Train runs whose checkpoints live in our storage (a local folder or S3)."""
+"""Ray Train, both sides: the driver starts runs whose checkpoints live in our storage (a local folder
+or S3); a worker asks here for its rank, its dataset shard, the checkpoint it resumes from, and
+reports metrics with or without a checkpoint folder. Stage code never imports ray.train.
+"""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
+
+import pyarrow as pa
 
 from llmemb_dist import storage
 
@@ -16,15 +25,17 @@ def run_training(
     use_gpu: bool = False,
     cpus_per_worker: float = 1.0,
     max_failures: int = 0,
-    datasets: dict | None = None,
-    dataset_config: Any = None,
+    worker_datasets: dict | None = None,
 ):
     """Runs `train_fn` on `num_workers` Ray Train workers; returns the Ray Train Result.
+
+    `worker_datasets` are Ray Data datasets the caller has already split, one per worker: each
+    worker reads the one it names (`dataset_shard`) whole, and Ray Train must not split them again.
 
     Rerunning with the same `name` and `storage_uri` resumes: `ray.train.get_checkpoint()`
     then returns the latest checkpoint inside `train_fn`.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     check_cluster_fits(num_workers, {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})})
@@ -43,8 +54,8 @@ def run_training(
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets=datasets,
-        dataset_config=dataset_config,
+        datasets=worker_datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
     return trainer.fit()
 
@@ -79,3 +90,69 @@ def check_cluster_fits(num_workers: int, resources_per_worker: dict[str, float])
             f"{len(nodes)} live nodes ({hosts}) can host {fits}; lower num_workers or the resources per "
             "worker, or add nodes"
         )
+
+
+# ---------------------------------------------------------------- inside a worker
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    rank: int
+    world: int
+
+
+def worker_info() -> WorkerInfo:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return WorkerInfo(ctx.get_world_rank(), ctx.get_world_size())
+
+
+def dataset_shard(name: str) -> pa.Table:
+    """The whole Ray Data shard passed to the run as `datasets[name]`, read into one table."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    return pa.concat_tables(list(shard.iter_batches(batch_format="pyarrow", batch_size=None)))
+
+
+@contextmanager
+def restored_checkpoint() -> Iterator[Path | None]:
+    """The folder of the run's latest checkpoint when the worker resumes, else None."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as folder:
+        yield Path(folder)
+
+
+def report(metrics: dict[str, Any], checkpoint_folder: str | Path | None = None, *, folder_name: str | None = None) -> None:
+    """Reports this step's metrics; with a folder, every rank's files in it join one checkpoint."""
+    import ray.train
+
+    checkpoint = None if checkpoint_folder is None else ray.train.Checkpoint.from_directory(str(checkpoint_folder))
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=folder_name)
+
+
+def report_restored(metrics: dict[str, Any]) -> None:
+    """Reports the restored checkpoint again as the run's latest (a finished run that was resumed)."""
+    import ray.train
+
+    ray.train.report(metrics, checkpoint=ray.train.get_checkpoint())
+
+
+@contextmanager
+def result_checkpoint(result, what: str) -> Iterator[Path]:
+    """The folder of a finished run's last checkpoint (on the driver); an error naming `what` if it left none."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"{what} ended without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as folder:
+        yield Path(folder)
+
+
+def result_checkpoint_name(result) -> str:
+    """The name of a finished run's last checkpoint folder inside the run's storage."""
+    return Path(result.checkpoint.path).name

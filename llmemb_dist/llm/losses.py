@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from llmemb_dist.distributed.collective import gather_with_local_grad
 
 
 class Temperature(nn.Module):
@@ -31,22 +32,6 @@ class Temperature(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.log_value.float().exp().clamp(self.low, self.high)[0]
-
-
-def gather_with_local_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All workers' rows stacked in rank order, and where this worker's rows start.
-
-    all_gather returns tensors without autograd history; putting the local tensor back
-    in its slot lets gradients flow through this worker's part (the others' parts are
-    constants here and get their gradients on their own workers).
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    rank = dist.get_rank()
-    parts[rank] = x
-    return torch.cat(parts), rank * x.size(0)
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: torch.Tensor, gather: bool = True) -> torch.Tensor:

@@ -18,8 +18,8 @@ def reverse_positions(seqs: torch.Tensor) -> torch.Tensor:
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout with its mask drawn by torch.rand: the same distribution, twice as fast on CPU, where
-    F.dropout's bernoulli_ took a fifth of a training step. Attention dropout stays inside SDPA."""
+    """nn.Dropout with its mask drawn by torch.rand: the same distribution, faster on CPU than F.dropout's
+    bernoulli_, a visible share of a training step (bench/rat_bench.py). Attention dropout stays inside SDPA."""
 
     def __init__(self, p: float):
         if not 0 <= p < 1:

@@ -51,7 +51,7 @@ class LlmItems(nn.Module):
 
     def adapt(self, llm: torch.Tensor) -> torch.Tensor:
         """The adapter. It has no nonlinearity between its layers (as the reference), so one composed
-        matrix per call is the same function with the same gradients at a sixth of the multiply-adds."""
+        matrix per call is the same function with the same gradients at a fraction of the multiply-adds."""
         first, second = self.adapter
         return F.linear(llm, second.weight @ first.weight, second.weight @ first.bias + second.bias)
 

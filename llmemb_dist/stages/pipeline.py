@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from llmemb_dist import storage
-from llmemb_dist.cluster import init_ray
+from llmemb_dist import layout, storage
 from llmemb_dist.config import Config, to_dict
-from llmemb_dist.embed import embed
-from llmemb_dist.prepare import prepare
-from llmemb_dist.rat import rat
-from llmemb_dist.report import comparison_markdown
-from llmemb_dist.scft import scft
+from llmemb_dist.distributed.cluster import init_ray
+from llmemb_dist.stages.embed.driver import embed
+from llmemb_dist.stages.prepare.driver import prepare
+from llmemb_dist.stages.rat.driver import rat
+from llmemb_dist.stages.rat.report import comparison_markdown
+from llmemb_dist.stages.scft.driver import scft
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,6 @@ STAGES: tuple[tuple[str, Callable[[Config], str]], ...] = (
     ("embed", embed),
     ("rat", rat),
 )
-
-
-def report_uri(cfg: Config) -> str:
-    return storage.join(cfg.root, "reports", cfg.rat.run)
 
 
 def pipeline(cfg: Config) -> str:
@@ -59,10 +55,10 @@ def pipeline(cfg: Config) -> str:
 
 def publish_report(cfg: Config, outputs: dict[str, str], manifests: dict[str, dict]) -> str:
     """report.md with the comparison table and the PNGs of SCFT (loss) and RAT (validation, head/tail)."""
-    uri = report_uri(cfg)
+    uri = layout.report_uri(cfg)
     inputs = {name: manifest["data_dir"] for name, manifest in manifests.items()}
-    if storage.is_published(uri) and storage.read_manifest(uri)["inputs"] == inputs:
-        log.info("report %s is already published from these outputs: nothing to do", uri)
+    # A report follows its inputs: one made from older outputs is replaced, not refused.
+    if storage.already_published(uri, {"inputs": inputs}, "report", replace=True):
         return uri
     scft_data = storage.data_uri(outputs["scft"], manifests["scft"])
     rat_data = storage.data_uri(outputs["rat"], manifests["rat"])

@@ -20,7 +20,6 @@ from llmemb_dist.config import EvalConfig
 from llmemb_dist.data.sequences import Sequences, pad_left
 
 
-
 @dataclass
 class Scorer:
     """A user's score for item j is users(inputs) . items[j]. Kept as the two factors so that the sampled
@@ -28,6 +27,8 @@ class Scorer:
 
     users: Callable[[torch.Tensor], torch.Tensor]  # left-padded inputs (B, L) -> (B, h)
     items: torch.Tensor  # (num_items + 1, h); row 0 is padding, never a candidate
+
+
 PROTOCOLS = ("sampled", "full")
 GROUPS = ("overall", "head", "tail", "short", "long")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import tempfile
 
-from llmemb_dist import storage
+from llmemb_dist import layout, storage
 from llmemb_dist.config import Config, config_hash, to_dict
 from llmemb_dist.data.catalog import (
     ITEM_ID,
@@ -20,21 +20,14 @@ from llmemb_dist.data.preprocess import preprocess
 log = logging.getLogger(__name__)
 
 
-def dataset_uri(cfg: Config) -> str:
-    return storage.join(cfg.root, "datasets", cfg.dataset.name)
-
-
 def prepare(cfg: Config, overwrite: bool = False) -> str:
     """Imports, validates and publishes the dataset; returns its URI. A published one is kept as is."""
-    uri = dataset_uri(cfg)
-    if not overwrite and storage.is_published(uri):
-        manifest = storage.read_manifest(uri)
-        if manifest["config_hash"] == config_hash(cfg.dataset):
-            log.info("dataset %s is already published with this config: nothing to do", uri)
-            return uri
-        raise storage.AlreadyPublished(
-            f"{uri} is published from another dataset config; use another dataset.name or overwrite"
-        )
+    uri = layout.dataset_uri(cfg)
+    if not overwrite and storage.already_published(
+        uri, {"config_hash": config_hash(cfg.dataset)}, "dataset", differs="another dataset config",
+        hint="use another dataset.name or overwrite",
+    ):
+        return uri
     with tempfile.TemporaryDirectory() as tmp:
         items, inter = read_dataset(
             cfg.dataset.format, _local(cfg.dataset.source, tmp), _local(cfg.dataset.metadata, tmp)

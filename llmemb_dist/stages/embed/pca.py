@@ -10,8 +10,8 @@ import io
 import numpy as np
 import pyarrow as pa
 
-from llmemb_dist.embed_udf import embeddings_table, vectors_of
 from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH
+from llmemb_dist.data.embeddings import embeddings_table, vectors_of
 
 PCA_FILE = "pca.npz"
 

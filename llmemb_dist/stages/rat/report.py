@@ -4,10 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on workers and servers
-import matplotlib.pyplot as plt  # noqa: E402
+from llmemb_dist.plots import plt, save
 
 GROUPS = ("overall", "head", "tail", "short", "long")
 
@@ -51,9 +48,7 @@ def plot_head_tail(metrics: dict[str, Any], path: Path, metric: str = "NDCG@10")
         ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(3)], ["overall", "head", "tail"])
         ax.set_title(f"test {metric}, {protocol} ranking")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_validation(metrics: dict[str, Any], path: Path) -> None:
@@ -64,9 +59,7 @@ def plot_validation(metrics: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation NDCG@10")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def write_report(metrics: dict[str, Any], out_dir: Path) -> None:

@@ -1,0 +1,17 @@
+"""Matplotlib without a display (workers and servers have none), and one way to write a figure."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def save(fig, path: Path) -> None:
+    """Writes the figure as a PNG (creating its folder) and frees it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

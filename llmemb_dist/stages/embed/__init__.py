@@ -1,0 +1,1 @@
+"""Stage 2, embed: every catalog item through the (fine-tuned) LLM, fully or incrementally."""

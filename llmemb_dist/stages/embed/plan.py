@@ -1,0 +1,120 @@
+"""What an embedding run must do: the adapter and encoder it embeds with, the catalog's keys, and in
+incremental mode which items it carries over from a previous version."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from llmemb_dist import layout, storage
+from llmemb_dist.config import Config, ConfigError
+from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH, text_hash
+from llmemb_dist.llm.loading import ModelSource
+from llmemb_dist.stages.embed import pca as embed_pca
+from llmemb_dist.stages.embed.reading import read_keys
+
+log = logging.getLogger(__name__)
+EMPTY_TEXT_HASH = text_hash([])  # the hash of an item with every attribute empty
+
+
+@dataclass
+class Plan:
+    """What this run embeds, and what it carries over from a previous version."""
+
+    catalog_files: list[str]
+    keys: pa.Table  # item_id, text_hash of the whole catalog
+    previous: str | None = None
+    previous_manifest: dict | None = None
+    reused_ids: pa.Array | None = None
+    removed: int = 0
+
+    @property
+    def reused(self) -> int:
+        return 0 if self.reused_ids is None else len(self.reused_ids)
+
+    @property
+    def new(self) -> int:
+        return self.keys.num_rows - self.reused
+
+
+def resolve_adapter(cfg: Config, base: dict) -> tuple[str, dict] | None:
+    """(URI, manifest) of the adapter to use, or None for the bare base model."""
+    choice = cfg.embed.adapter
+    if choice == "none":
+        return None
+    uri = layout.adapter_uri(cfg) if choice == "auto" else choice
+    if choice == "auto" and not storage.is_published(uri):
+        log.warning("no published SCFT adapter at %s: embedding with the bare base model (the no-SCFT baseline)", uri)
+        return None
+    manifest = storage.read_manifest(uri)
+    trained_on = manifest.get("base_model") or {}
+    if trained_on.get("fingerprint") != base["fingerprint"]:
+        raise ConfigError(
+            f"embed.adapter: the adapter at {uri} was trained on base model {trained_on.get('path')!r} "
+            f"(fingerprint {trained_on.get('fingerprint')}), but model.path is {base['path']!r} "
+            f"(fingerprint {base['fingerprint']})"
+        )
+    return uri, manifest
+
+
+def encoder_identity(cfg: Config, base: dict, adapter: tuple[str, dict] | None) -> str:
+    """A hash of everything that decides an item's vector besides its attribute text (text_hash)."""
+    m = cfg.model
+    parts = {
+        "base": base["fingerprint"], "pooling": m.pooling, "dtype": m.dtype, "max_length": m.max_length,
+        "instruction": m.instruction, "adapter": adapter and [adapter[1]["data_dir"], adapter[1]["config_hash"]],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def hidden_size(source: ModelSource) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source.folder, **source.from_pretrained_kwargs())
+    return int(config.hidden_size)
+
+
+def make_plan(cfg: Config, data_uri: str, data_manifest: dict, dim: int, encoder: str) -> Plan:
+    if data_manifest["tables"].get("catalog", {}).get("rows", 0) == 0:
+        raise storage.DataError(f"{data_uri}: the catalog is empty: nothing to embed")
+    files = storage.table_files(data_uri, "catalog", data_manifest)
+    keys = read_keys(files)
+    blank = pc.equal(keys[TEXT_HASH], EMPTY_TEXT_HASH)
+    if pc.any(blank).as_py():
+        item = keys[ITEM_ID].filter(blank)[0].as_py()
+        raise storage.DataError(f"{data_uri} (catalog): item {item!r} has every attribute empty: nothing to embed")
+    plan = Plan(catalog_files=files, keys=keys)
+    if not cfg.embed.incremental_from:
+        return plan
+    prev_uri = layout.embeddings_uri(cfg, cfg.embed.incremental_from)
+    prev = storage.read_manifest(prev_uri)
+    if prev["dim"] != dim:
+        raise storage.DataError(
+            f"{prev_uri}: the previous version has dimension {prev['dim']}, this run gives {dim} "
+            f"(embed.pca_dim={cfg.embed.pca_dim}); incremental mode needs equal dimensions: run a full embedding"
+        )
+    if prev.get("encoder") != encoder:
+        # A scheduled re-embedding after a new SCFT adapter lands here: embed everything, do not fail.
+        log.warning("%s was embedded with another model, adapter or prompt: no vector can be reused, "
+                    "embedding every item", prev_uri)
+        return plan
+    prev_keys = read_keys(storage.table_files(prev_uri, "embeddings", prev))
+    same = pc.is_in(_joined(keys), value_set=_joined(prev_keys))
+    plan.previous, plan.previous_manifest = prev_uri, prev
+    plan.reused_ids = keys[ITEM_ID].filter(same).combine_chunks()
+    plan.removed = int(pc.sum(pc.invert(pc.is_in(prev_keys[ITEM_ID], value_set=keys[ITEM_ID]))).as_py() or 0)
+    return plan
+
+
+def _joined(keys: pa.Table) -> pa.ChunkedArray:
+    return pc.binary_join_element_wise(keys[ITEM_ID], keys[TEXT_HASH], "\x1f")
+
+
+def previous_pca(plan: Plan) -> dict | None:
+    if not plan.previous_manifest.get("pca"):
+        return None
+    return embed_pca.from_bytes(storage.read_bytes(storage.join(storage.data_uri(plan.previous, plan.previous_manifest), embed_pca.PCA_FILE)))

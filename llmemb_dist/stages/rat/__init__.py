@@ -1,0 +1,1 @@
+"""Stage 3, RAT: the LLM table through a trainable adapter into a sequential recommender."""

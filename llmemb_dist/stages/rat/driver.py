@@ -1,0 +1,107 @@
+"""Stage 3: RAT. A collaborative ID-only SASRec (also the baseline), then the LLMEmb recommender
+trained with alignment to it; the adapted item embeddings are published with the model and report.
+
+Each model trains on Ray Train (DDP over `rat.num_workers`) with a checkpoint per
+epoch under `<root>/rat/<run>/checkpoints/<variant>`; rerunning the same run resumes
+there, and a variant that already finished is reused rather than retrained.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from llmemb_dist import layout, storage
+from llmemb_dist.config import Config, config_hash, to_dict
+from llmemb_dist.data.catalog import ITEM_ID
+from llmemb_dist.distributed.cluster import init_ray
+from llmemb_dist.srs import SeqRecommender
+from llmemb_dist.stages.rat import report
+from llmemb_dist.stages.rat.inputs import load_llm_table, load_sequences
+from llmemb_dist.stages.rat.worker import train_variant
+
+log = logging.getLogger(__name__)
+
+
+def item_table(model: SeqRecommender, item_ids: list[str]) -> pa.Table:
+    with torch.no_grad():
+        emb = model.items.table()[1:].float().numpy()
+    flat = pa.array(emb.reshape(-1), type=pa.float32())
+    return pa.table({ITEM_ID: pa.array(item_ids, pa.string()),
+                     "embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])})
+
+
+def _summary(final: dict) -> dict:
+    return {"best_epoch": final["best_epoch"], "epochs": final["epoch"], "valid": final["valid"], "test": final["test"],
+            "history": final["history"]}
+
+
+def rat(cfg: Config) -> str:
+    """Runs RAT end to end and publishes `layout.rat_result_uri(cfg)`; returns that URI."""
+    from safetensors.torch import save_file
+
+    out_uri = layout.rat_result_uri(cfg)
+    rcfg = cfg.rat
+    uses_llm = rcfg.item_repr != "id"
+    emb_uri = layout.rat_input_embeddings_uri(cfg) if uses_llm else ""
+    data_uri = layout.dataset_uri(cfg)
+    # The exact upstream versions: a re-published dataset or embeddings version means new inputs.
+    inputs = {"dataset": data_uri, "dataset_data": storage.read_manifest(data_uri)["data_dir"],
+              "embeddings": emb_uri, "embeddings_data": storage.read_manifest(emb_uri)["data_dir"] if emb_uri else ""}
+    if storage.already_published(out_uri, {"config_hash": config_hash(rcfg), "inputs": inputs}, "RAT result",
+                                 hint="choose another rat.run"):
+        return out_uri
+    data = load_sequences(cfg)
+    log.info("%d users (%d dropped with < 3 events), %d items", len(data.seqs), data.dropped_users, data.num_items)
+    llm = None
+    if uses_llm:
+        llm = load_llm_table(emb_uri, data.item_ids, rcfg.embedding_dim)
+    init_ray(cfg.ray)
+    # The collaborative SASRec is the ID-only baseline too: trained once, used twice.
+    baseline, baseline_final = train_variant(cfg, data, rcfg.backbone, "id")
+    variants = {f"{rcfg.backbone}-id": _summary(baseline_final)}
+    model, main = baseline, f"{rcfg.backbone}-id"
+    if uses_llm:
+        collab = baseline if rcfg.backbone == "sasrec" else train_variant(cfg, data, "sasrec", "id")[0]
+        srs = collab.items.table().detach().numpy()
+        model, final = train_variant(cfg, data, rcfg.backbone, rcfg.item_repr, llm=llm, srs=srs)
+        main = f"{rcfg.backbone}-{rcfg.item_repr}"
+        variants[main] = _summary(final)
+    metrics = {"main": main, "baseline": f"{rcfg.backbone}-id", "dropped_users": data.dropped_users,
+               "users": len(data.seqs), "items": data.num_items, "variants": variants}
+    model_config = {"backbone": rcfg.backbone, "item_repr": rcfg.item_repr, "num_items": data.num_items,
+                    "hidden": rcfg.hidden, "layers": rcfg.layers, "heads": rcfg.heads, "max_len": rcfg.max_len,
+                    "adapter_hidden": rcfg.adapter_hidden, "llm_dim": None if llm is None else int(llm.shape[1]),
+                    "embeddings": emb_uri, "row_k_is": "item k of table item_embeddings (row 0 is padding)"}
+    with storage.publish(out_uri, kind="rat", config=to_dict(cfg), config_hash=config_hash(rcfg), inputs=inputs) as pub:
+        pub.write_table("item_embeddings", item_table(model, data.item_ids), num_shards=1)
+        with tempfile.TemporaryDirectory() as d:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(Path(d) / "model.safetensors"))
+            (Path(d) / "model_config.json").write_text(json.dumps(model_config, indent=2))
+            pub.upload_dir(d, "model")
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            report.write_report(metrics, Path(d))
+            pub.upload_dir(d, "report")
+        pub.info["metrics"] = comparison_rows(metrics)
+        pub.info["embeddings_input"] = emb_uri
+    log.info("published %s\n%s", out_uri, report.comparison_markdown(comparison_rows(metrics)))
+    return out_uri
+
+
+def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """ID-only vs LLMEmb test results: overall/head/tail NDCG@10 and HR@10 per protocol."""
+    rows = []
+    for variant, summary in metrics["variants"].items():
+        for protocol, groups in summary["test"].items():
+            row: dict[str, Any] = {"model": variant, "protocol": protocol}
+            for group in ("overall", "head", "tail"):
+                row[f"{group} NDCG@10"] = groups[group]["NDCG@10"]
+                row[f"{group} HR@10"] = groups[group]["HR@10"]
+            rows.append(row)
+    return rows

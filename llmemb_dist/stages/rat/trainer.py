@@ -1,0 +1,134 @@
+"""The RAT training loop: bucketed batches, early stopping on validation NDCG@10, resumable state.
+
+Plain PyTorch: with several workers it is handed their rank and world size, and the
+collectives come from distributed/collective.py.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from llmemb_dist.config import RatConfig
+from llmemb_dist.data.sequences import Sequences, bucketed_batches, pad_left, train_inputs
+from llmemb_dist.distributed.collective import data_parallel, gather_objects
+from llmemb_dist.srs import SeqRecommender
+from llmemb_dist.stages.rat.evaluate import PROTOCOLS, EvalSplit, Scorer, make_split, ranks, summarize
+from llmemb_dist.stages.rat.objective import RatModule
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 50  # steps between progress lines
+
+
+@dataclass
+class FitResult:
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    valid: dict
+    test: dict
+    history: list[dict] = field(default_factory=list)
+
+
+def _gather_ranks(user_ranks: dict[str, np.ndarray], users: np.ndarray, total: int, world: int) -> dict[str, np.ndarray]:
+    """Every worker ranked a share of the users; put all ranks back in user order."""
+    out = {p: np.zeros(total, dtype=np.int64) for p in user_ranks}
+    for part_users, part_ranks in gather_objects((users, user_ranks), world):
+        for p in out:
+            out[p][part_users] = part_ranks[p]
+    return out
+
+
+def evaluate_shared(model: SeqRecommender, split: EvalSplit, rcfg: RatConfig, rank: int, world: int,
+                    protocols: tuple[str, ...] = PROTOCOLS) -> dict:
+    model.eval()
+    users = np.arange(len(split.targets))[rank::world]
+    with torch.no_grad():
+        table = model.items.table()  # once per evaluation, not per batch
+        local = ranks(Scorer(model.user_repr, table), split, users, rcfg.max_len, protocols=protocols)
+    return summarize(split, _gather_ranks(local, users, len(split.targets), world), rcfg.eval.ks)
+
+
+def fit(
+    model: SeqRecommender,
+    data: Sequences,
+    rcfg: RatConfig,
+    *,
+    srs: np.ndarray | None = None,
+    state: dict | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> FitResult:
+    """Trains with early stopping on validation NDCG@10 and returns the best weights with their test metrics.
+
+    `state` (from a checkpoint) resumes; `on_epoch` receives the state after every epoch.
+    With world > 1 this runs inside a torch.distributed group and wraps the model in DDP.
+    """
+    torch.manual_seed(rcfg.seed)
+    # As a model grows confident, values (sigmoids and softmaxes of large logits, their gradients, decaying
+    # Adam moments) can reach the denormal range, where CPU arithmetic is far slower; flushing them to zero
+    # changes no result (RAT epoch times: bench/rat_bench.py).
+    torch.set_flush_denormal(True)
+    objective = RatModule(model, srs, rcfg.alpha, rcfg.align_temperature)
+    trainable = data_parallel(objective, world)
+    # The fused kernel: the same update as the default per-tensor loop, which costs a large share of a CPU
+    # step over this many small tensors (bench/rat_bench.py keeps the epoch times).
+    optimizer = torch.optim.Adam(model.parameters(), lr=rcfg.lr, fused=True)
+    valid_split, test_split = make_split(data, "valid", rcfg.eval), make_split(data, "test", rcfg.eval)
+    seqs = [s for s in train_inputs(data, rcfg.max_len) if len(s) >= 2]  # one input and one target at least
+    lengths = np.array([len(s) for s in seqs])
+    if state is None:
+        state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [],
+                 "best_state": copy.deepcopy(model.state_dict())}
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    while state["epoch"] < rcfg.epochs and state["bad_epochs"] < rcfg.patience:
+        epoch = state["epoch"]
+        started = time.perf_counter()
+        # The data order comes from (seed, epoch), so a resumed run continues exactly where it stopped.
+        batches = bucketed_batches(lengths, rcfg.batch_size, np.random.default_rng([rcfg.seed, epoch]))
+        steps = math.ceil(len(batches) / world)  # equal steps on every worker, or DDP hangs
+        mine = [batches[(rank + world * i) % len(batches)] for i in range(steps)]
+        generator = torch.Generator().manual_seed(rcfg.seed * 1_000_003 + epoch * 101 + rank)
+        objective.train()
+        total = 0.0
+        for step, batch in enumerate(mine, 1):
+            loss = trainable(torch.as_tensor(pad_left([seqs[i] for i in batch], rcfg.max_len + 1)), generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            if rank == 0 and step % PROGRESS_EVERY == 0:
+                spent = time.perf_counter() - started
+                log.info("epoch %d step %d/%d loss %.4f, ETA %.0f s", epoch + 1, step, steps, total / step,
+                         spent / step * (steps - step))
+        train_s = time.perf_counter() - started
+        # Early stopping watches one protocol: ranking the whole catalog for the other would be wasted each epoch.
+        valid = evaluate_shared(model, valid_split, rcfg, rank, world, (rcfg.eval.select_protocol,))
+        score = valid[rcfg.eval.select_protocol]["overall"]["NDCG@10"]
+        if score > state["best_score"]:
+            state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0, best_state=copy.deepcopy(model.state_dict()))
+        else:
+            state["bad_epochs"] += 1
+        state["history"].append({
+            "epoch": epoch + 1, "loss": total / max(1, len(mine)), "train_seconds": train_s,
+            "valid_ndcg10": score, "valid_hr10": valid[rcfg.eval.select_protocol]["overall"]["HR@10"],
+        })
+        state.update(epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(), valid=valid)
+        log.info("epoch %d/%d: loss %.4f, valid NDCG@10 %.4f (best %.4f at %d), %.1f s training",
+                 epoch + 1, rcfg.epochs, state["history"][-1]["loss"], score, state["best_score"],
+                 state["best_epoch"], train_s)
+        if on_epoch:
+            on_epoch(state)
+    model.load_state_dict(state["best_state"])
+    best_valid = evaluate_shared(model, valid_split, rcfg, rank, world)
+    test = evaluate_shared(model, test_split, rcfg, rank, world)
+    return FitResult(state["best_state"], state["best_epoch"], best_valid, test, state["history"])

@@ -1,0 +1,81 @@
+"""Training one RAT model on Ray Train: the worker (resume, fit, checkpoint every epoch) and its driver call.
+
+Checkpoints live under `<root>/rat/<run>/checkpoints/<variant>`; rerunning the same run resumes
+there, and a variant that already finished is reused rather than retrained.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmemb_dist import layout
+from llmemb_dist.config import Config, RatConfig
+from llmemb_dist.data.sequences import Sequences
+from llmemb_dist.distributed import ray_train
+from llmemb_dist.srs import SeqRecommender, build_model
+from llmemb_dist.stages.rat.trainer import fit
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train worker: resume from the latest checkpoint, fit, report the final state with done=True."""
+    worker = ray_train.worker_info()
+    rank = worker.rank
+    rcfg: RatConfig = config["rcfg"]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s rat %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, int(rcfg.cpus_per_worker)))
+    state = None
+    with ray_train.restored_checkpoint() as folder:
+        if folder is not None:
+            state = torch.load(folder / STATE_FILE, weights_only=False)
+    if state is not None:
+        if state.get("done"):
+            done = {"epoch": state["epoch"], "done": True}
+            ray_train.report_restored(done) if rank == 0 else ray_train.report(done)
+            return
+        log.info("resuming %s at epoch %d", config["variant"], state["epoch"])
+
+    def report_state(st: dict, metrics: dict | None = None) -> None:
+        """Reports metrics; rank 0 also checkpoints the state (every rank holds the same DDP state)."""
+        metrics = metrics or {"epoch": st["epoch"], **st["history"][-1]}
+        if rank != 0:
+            ray_train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(st, Path(d) / STATE_FILE)
+            ray_train.report(metrics, d)
+
+    model = build_model(rcfg, config["backbone"], config["item_repr"], config["data"].num_items, config["llm"])
+    result = fit(model, config["data"], rcfg, srs=config["srs"], state=state, on_epoch=report_state,
+                 rank=rank, world=worker.world)
+    final = {"done": True, "epoch": len(result.history), "best_state": result.best_state, "best_epoch": result.best_epoch,
+             "valid": result.valid, "test": result.test, "history": result.history}
+    report_state(final, {"epoch": final["epoch"], "done": True})
+
+
+def train_variant(cfg: Config, data: Sequences, backbone: str, item_repr: str, *,
+                  llm: np.ndarray | None = None, srs: np.ndarray | None = None) -> tuple[SeqRecommender, dict]:
+    """Trains (or resumes, or reuses) one model on Ray Train; returns it with best weights and its final state."""
+    variant = f"{backbone}-{item_repr}"
+    rcfg = cfg.rat
+    log.info("training %s on %d workers", variant, rcfg.num_workers)
+    result = ray_train.run_training(
+        train_worker,
+        {"rcfg": rcfg, "variant": variant, "backbone": backbone, "item_repr": item_repr, "data": data,
+         "llm": llm, "srs": srs},
+        name=variant, storage_uri=layout.rat_checkpoints_uri(cfg),
+        num_workers=rcfg.num_workers, cpus_per_worker=rcfg.cpus_per_worker,
+    )
+    with ray_train.result_checkpoint(result, f"RAT training of {variant}") as folder:
+        final = torch.load(folder / STATE_FILE, weights_only=False)
+    model = build_model(rcfg, backbone, item_repr, data.num_items, llm)
+    model.load_state_dict(final["best_state"])
+    model.eval()
+    return model, final
