@@ -1,12 +1,15 @@
-"""Quality benchmark: ID-only vs LLMEmb, its ablations, and LLMEmb + ID (item_repr llm_id), head and tail.
+"""Quality benchmark: ID-only vs LLMEmb, its ablations, and our item representations, head and tail, judged
+under full ranking (the protocol a deployed recommender lives by) with the paper's sampled protocol beside it.
 
     python bench/quality.py --quick        # ml-100k, SASRec, MiniLM, 1 seed, with SCFT: the 10-minute mode
     python bench/quality.py --jobs 2       # the full grid, 2 cells at a time, resumable (see below)
     python bench/quality.py --embed-only   # only SCFT and the embeddings of every dataset
 
 Every (setting, dataset, base model, backbone, variant, seed) cell is trained with `rat.fit` (early
-stopping on validation NDCG@10, or a --cell-minutes budget) and cached in bench/.cache/quality_cells*.json,
-so a rerun skips finished cells. Without --jobs the cells train one after another in this process; with
+stopping on validation NDCG@10 under rat.eval.select_protocol, or a --cell-minutes budget); a setting names
+its objective (rat.loss) and selection protocol, and the ID baseline of a setting is trained with the same
+ones as its LLM cells. Cells are cached in bench/.cache/quality_cells*.json, so a rerun skips finished
+cells. Without --jobs the cells train one after another in this process; with
 --jobs N, SCFT and embeddings come first, then each cell is a run of this script on one thread, N at a
 time (a RAT epoch on one thread takes only about 1.1x its time on two: bench/results/rat.md), and each
 writes its own cells file. Several runs by hand (--cells, disjoint --datasets/--seeds) work as well.
@@ -18,7 +21,7 @@ bench/results/quality.md/.json/.png are rebuilt from every cached cell after eac
 
 The grid: 3 datasets x 3 seeds x (ID-only and LLMEmb on SASRec, Bert4Rec, GRU4Rec; on SASRec the
 ablations without SCFT, without alignment (alpha 0) and without adapter (frozen PCA of the LLM table),
-and LLMEmb + ID), all with MiniLM; SmolLM2 with and without SCFT on SASRec, within the budget that
+and our item representations llm_id, llm_gate, id_llm_init), all with MiniLM; SmolLM2 with and without SCFT on SASRec, within the budget that
 MODEL_BUDGET gives it on a 2-core machine (--no-model-budget gives it every dataset on a bigger one).
 """
 from __future__ import annotations
@@ -77,8 +80,12 @@ VARIANTS = {
     "llmemb-alpha0": ("llm", ["rat.alpha=0"], True),
     "llmemb-noadapter": ("llm_frozen", ["rat.alpha=0"], True),  # no trainable item side: nothing to align
     "llm_id": ("llm_id", [], True),
+    "llm_gate": ("llm_gate", [], True),
+    "id_llm_init": ("id_llm_init", [], True),
 }
-SASREC_ONLY = {"llmemb-noscft", "llmemb-alpha0", "llmemb-noadapter", "llm_id"}  # ablations, and our combination
+# Ablations, and our item representations (LLM + ID vector, the same gated by popularity, IDs started from the LLM)
+SASREC_ONLY = {"llmemb-noscft", "llmemb-alpha0", "llmemb-noadapter", "llm_id", "llm_gate", "id_llm_init"}
+OURS = ("llm_id", "llm_gate", "id_llm_init")
 # Settings: overrides shared by every cell of a run; a cell's key names the setting and its RAT overrides.
 # Patience must outlast the plateau ID-only SASRec sits on while it learns little more than popularity
 # (epochs 4 to 10 on ml-100k): with patience 5 it stops there and every LLM variant looks 40x better on the tail.
@@ -95,7 +102,7 @@ log = logging.getLogger("quality")
 MACHINE = os.environ.get("QUALITY_MACHINE", f"{platform.node()}, {os.cpu_count()} CPUs")
 
 
-def code_version() -> str:
+def cell_commit() -> str:
     """The commit a cell ran at, "+changes" if code differs from it (results are rewritten as cells finish)."""
     def git(*argv: str) -> str:
         return subprocess.run(["git", *argv], cwd=BENCH, capture_output=True, text=True).stdout.strip()
@@ -110,9 +117,12 @@ def base_config(dataset: str, model: str, setting: str, extra: list[str]) -> Con
 
 
 def setting_tag(setting: str, extra: list[str]) -> str:
-    """The setting's name and overrides; a later override of a key replaces an earlier one, as in the config."""
+    """The setting's name and overrides; a later override of a key replaces an earlier one, as in the config.
+    The objective and the selection protocol are always named, so cells trained under other defaults stay apart."""
+    rat = load_config(None, SETTINGS[setting] + extra).rat
+    named = [f"rat.loss={rat.loss}", f"rat.eval.select_protocol={rat.eval.select_protocol}"]
     overrides = {}
-    for override in SETTINGS[setting] + extra:
+    for override in SETTINGS[setting] + named + extra:
         overrides[override.split("=", 1)[0]] = override
     return " ".join([setting, *overrides.values()])
 
@@ -175,7 +185,7 @@ def train_cell(cfg: Config, data, backbone: str, variant: str, llm: np.ndarray |
     that ends past the budget is the last one, and the cell records that it was cut."""
     item_repr = VARIANTS[variant][0]
     torch.manual_seed(cfg.rat.seed)  # the initial weights too depend on the seed alone
-    model = build_model(cfg.rat, backbone, item_repr, data.num_items, llm)
+    model = build_model(cfg.rat, backbone, item_repr, data.num_items, llm, data.train_popularity())
     started = time.perf_counter()
     cut = []
 
@@ -219,12 +229,12 @@ def run(args: argparse.Namespace, command: str) -> None:
     mine = json.loads(cells_file.read_text()) if cells_file.exists() else {}
     setting = "quick" if args.quick else "full"
     tag = setting_tag(setting, args.set)  # changed settings make other cells
-    code = code_version()
+    code = cell_commit()
 
     def save(key: str, summary: dict) -> None:
         cells[key] = mine[key] = {**summary, "command": command, "machine": MACHINE, "code": code}
-        log.info("cell %s: test sampled NDCG@10 overall %.4f head %.4f tail %.4f (best epoch %d of %d)",
-                 key, *(summary["test"]["sampled"][g]["NDCG@10"] for g in ("overall", "head", "tail")),
+        log.info("cell %s: test full-ranking NDCG@10 overall %.4f head %.4f tail %.4f (best epoch %d of %d)",
+                 key, *(summary["test"]["full"][g]["NDCG@10"] for g in ("overall", "head", "tail")),
                  summary["best_epoch"], summary["epochs"])
         cells_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cells_file.with_suffix(".tmp")  # parallel runs read every cells file: never show them half of one
@@ -349,7 +359,7 @@ def run_jobs(args: argparse.Namespace, command: str) -> None:
                 failed.append(task.name)
                 bar.update()
     record = {"command": command, "jobs": args.jobs, "cells_trained": len(done), "failed": failed,
-              "wall_seconds": time.perf_counter() - started, "code": code_version(), "machine": MACHINE,
+              "wall_seconds": time.perf_counter() - started, "code": cell_commit(), "machine": MACHINE,
               "finished": time.strftime("%Y-%m-%d %H:%M")}
     runs = json.loads(RUNS_FILE.read_text()) if RUNS_FILE.exists() else []
     RUNS_FILE.write_text(json.dumps(runs + [record], indent=1))
@@ -402,38 +412,46 @@ def aggregate(cells: dict) -> dict:
     return out
 
 
-AIMS = (("tail", 2.5), ("head", 0.95), ("overall", 1.15))  # the issue's, on amazon-toys with SASRec
-SCFT_AIM = 1.05  # SCFT over no SCFT, overall
+# The issue's aims, under full ranking: the best LLM variant over ID-only trained with the same objective and
+# selection. SASRec on every dataset: all three groups; Bert4Rec and GRU4Rec: overall.
+SASREC_AIMS = (("overall", 1.10), ("head", 0.97), ("tail", 1.5))
+OTHER_BACKBONE_AIM = ("overall", 1.0)
+SCFT_AIM = 1.03  # SCFT over no SCFT, overall, on a dataset with several attributes per item
 
 
-def ratio(agg: dict, key: tuple, base_key: tuple, group: str) -> float | None:
-    """Sampled NDCG@10 of cell `key` over cell `base_key` for a user group; None when either is missing."""
+def ratio(agg: dict, key: tuple, base_key: tuple, group: str, protocol: str = "full") -> float | None:
+    """NDCG@10 of cell `key` over cell `base_key` for a user group; None when either is missing."""
     if key not in agg or base_key not in agg:
         return None
-    return agg[key]["mean"]["sampled"][group]["NDCG@10"] / max(agg[base_key]["mean"]["sampled"][group]["NDCG@10"], 1e-12)
+    return agg[key]["mean"][protocol][group]["NDCG@10"] / max(agg[base_key]["mean"][protocol][group]["NDCG@10"], 1e-12)
 
 
 def ratio_rows(agg: dict, setting: str, dataset: str) -> list[str]:
-    """Every LLM cell against ID-only on the same backbone: tail / head / overall."""
+    """Every LLM cell against ID-only on the same backbone: overall / head / tail, full ranking (sampled)."""
     lines = []
     for (s, d, model, backbone, variant) in agg:
         if (s, d) != (setting, dataset) or variant == "id":
             continue
-        r = [ratio(agg, (s, d, model, backbone, variant), (s, d, "-", backbone, "id"), g) for g in ("tail", "head", "overall")]
-        if None not in r:
-            lines.append(f"| {backbone} | {variant} ({model}) | " + " | ".join(f"{x:.2f}x" for x in r) + " |")
+        key, base = (s, d, model, backbone, variant), (s, d, "-", backbone, "id")
+        cells = [(ratio(agg, key, base, g), ratio(agg, key, base, g, "sampled")) for g in ("overall", "head", "tail")]
+        if None not in (x for pair in cells for x in pair):
+            lines.append(f"| {backbone} | {variant} ({model}) | " + " | ".join(f"{f:.2f}x ({p:.2f}x)" for f, p in cells) + " |")
     return lines
 
 
 def aim_rows(agg: dict, setting: str, dataset: str) -> list[str]:
-    """The issue's aims, checked against this section's SASRec cells."""
-    base = (setting, dataset, "-", "sasrec", "id")
+    """The issue's aims, each met or not by the best of the LLM variants measured here."""
     lines = []
-    for variant in ("llmemb", "llm_id"):
-        for group, target in AIMS:
-            r = ratio(agg, (setting, dataset, "minilm", "sasrec", variant), base, group)
-            if r is not None:
-                lines.append(f"| {variant} {group} NDCG@10 / ID-only | >= {target}x | {r:.2f}x | {'met' if r >= target else 'NOT met'} |")
+    for backbone in ("sasrec", "bert4rec", "gru4rec"):
+        base = (setting, dataset, "-", backbone, "id")
+        for group, target in SASREC_AIMS if backbone == "sasrec" else (OTHER_BACKBONE_AIM,):
+            measured = {v: ratio(agg, (setting, dataset, "minilm", backbone, v), base, group)
+                        for v in ("llmemb", *OURS)}
+            measured = {v: r for v, r in measured.items() if r is not None}
+            if measured:
+                best = max(measured, key=measured.get)
+                lines.append(f"| {backbone} {group} NDCG@10 / ID-only | >= {target}x | {measured[best]:.2f}x ({best}) | "
+                             f"{'met' if measured[best] >= target else 'NOT met'} |")
     r = ratio(agg, (setting, dataset, "minilm", "sasrec", "llmemb"), (setting, dataset, "minilm", "sasrec", "llmemb-noscft"), "overall")
     if r is not None:
         lines.append(f"| llmemb overall NDCG@10 / llmemb-noscft | >= {SCFT_AIM}x | {r:.2f}x | {'met' if r >= SCFT_AIM else 'NOT met'} |")
@@ -452,12 +470,17 @@ def write_results(cells: dict) -> None:
              "Produced by (each cell records its command; cells are cached and the report covers all of them):", ""]
     lines += [f"- `{c}`" for c in commands]
     lines += ["", "Test metrics, mean ± std over seeds (n = seeds). Head = the top 20 % of items by training interactions,",
-              "tail = the rest; short users have at most 10 training events. `sampled` = the true item among 100 sampled",
-              "negatives (the paper's protocol); `full` = ranking the whole catalog minus the user's inputs.",
+              "tail = the rest; short users have at most 10 training events. `full` = ranking the whole catalog minus the",
+              "user's inputs (the protocol we judge by); `sampled` = the true item among 100 sampled negatives (the",
+              "paper's protocol). A section's title names its objective (`rat.loss`: bce = the paper's, one sampled",
+              "negative; ce = softmax over the catalog; sampled_softmax = shared negatives with log-Q correction) and",
+              "the validation protocol early stopping watched.",
               "Variants: `id` ID-only; `llmemb` SCFT-tuned base model, frozen embeddings, trained adapter, alignment",
               "alpha 0.01 (the method); ablations on SASRec: `llmemb-noscft` bare base model, `llmemb-alpha0` no alignment,",
               "`llmemb-noadapter` the SCFT embeddings reduced by PCA to 128 dimensions and frozen (no trainable item",
-              "parameters); `llm_id` ours: `llmemb` plus a trainable, zero-initialised ID vector per item. Embeddings are",
+              "parameters); ours: `llm_id` = `llmemb` plus a trainable, zero-initialised ID vector per item; `llm_gate` =",
+              "the same with the ID vector weighted by a learned gate of the item's training popularity; `id_llm_init` =",
+              "ID vectors started from the PCA of the SCFT embeddings (as LLM-ESR/LLMInit). Embeddings are",
               "mean-pooled. SCFT runs once per dataset (all seeds share it). `(cut)`: training was stopped by the",
               "--cell-minutes time budget, not by early stopping (not converged). A section's title names its setting",
               "and the config overrides of all its cells; other RAT fields are at their defaults (rat.hidden 128, 2 layers,",
@@ -476,11 +499,12 @@ def write_results(cells: dict) -> None:
         hours = sum(c["seconds"] for k, c in cells.items() if tuple(k.split("|")[:2]) == (setting, dataset)) / 3600
         lines += ["", f"## {dataset} ({setting})", "", f"Ran on: {'; '.join(machines)}; at commits: {', '.join(codes)}; "
                   f"training time of its cells {hours:.1f} h.", "",
-                  "The issue's aims (set for amazon-toys, SASRec, 100 sampled negatives), on this dataset:", "",
+                  "The issue's aims (full ranking, the best LLM variant against ID-only with the same objective and "
+                  "selection), on this dataset:", "",
                   "| aim | target | measured | |", "|---|---|---|---|"]
         lines += aim_rows(agg, setting, dataset)
-        lines += ["", "NDCG@10 (sampled) relative to ID-only on the same backbone:", "",
-                  "| backbone | variant | tail | head | overall |", "|---|---|---|---|---|"]
+        lines += ["", "NDCG@10 relative to ID-only on the same backbone, full ranking (sampled in brackets):", "",
+                  "| backbone | variant | overall | head | tail |", "|---|---|---|---|---|"]
         lines += ratio_rows(agg, setting, dataset)
         for p in PROTOCOLS:
             lines += ["", f"### {p}", "",
@@ -511,13 +535,13 @@ def plot(agg: dict, path: Path) -> None:
         width = 0.8 / max(1, len(rows))
         for i, (k, v) in enumerate(rows):
             groups = ("overall", "head", "tail")
-            ax.bar(np.arange(3) + i * width, [v["mean"]["sampled"][g]["NDCG@10"] for g in groups], width,
-                   yerr=[v["std"]["sampled"][g]["NDCG@10"] for g in groups], label=f"{k[4]} ({k[2]})")
+            ax.bar(np.arange(3) + i * width, [v["mean"]["full"][g]["NDCG@10"] for g in groups], width,
+                   yerr=[v["std"]["full"][g]["NDCG@10"] for g in groups], label=f"{k[4]} ({k[2]}, n={v['seeds']})")
         ax.set_xticks(np.arange(3) + 0.4 - width / 2, ["overall", "head", "tail"])
         name, *overrides = setting.split()
         changed = [o for o in overrides if o not in SETTINGS[name]]  # what sets this panel apart from its setting
-        ax.set_title(f"SASRec, {dataset} ({' '.join([name, *changed])}), 100 sampled negatives", fontsize=9)
-        ax.set_ylabel("test NDCG@10")
+        ax.set_title(f"SASRec, {dataset} ({' '.join([name, *changed])}), full ranking", fontsize=9)
+        ax.set_ylabel("test NDCG@10 (full ranking)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     staged = path.with_name(f".{path.name}.{os.getpid()}")
@@ -552,7 +576,7 @@ def main() -> None:
     args.datasets = args.datasets or (["ml-100k"] if quick else ["ml-100k", "ml-latest-small", "amazon-toys"])
     args.models = args.models or (["minilm"] if quick else ["minilm", "smollm2"])
     args.backbones = args.backbones or (["sasrec"] if quick else ["sasrec", "bert4rec", "gru4rec"])
-    args.variants = args.variants or (["id", "llmemb", "llmemb-noscft", "llm_id"] if quick else list(VARIANTS))
+    args.variants = args.variants or (["id", "llmemb", "llmemb-noscft", "llm_gate"] if quick else list(VARIANTS))
     args.seeds = args.seeds or ([1] if quick else [1, 2, 3])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)

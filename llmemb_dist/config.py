@@ -129,7 +129,8 @@ class EvalConfig:
     head_fraction: float = bounded(0.2, low=0.0, high=1.0, low_open=True, high_open=True)
     short_user_max_len: int = bounded(10, low=0)  # users with at most this many training events are "short"
     seed: int = 42
-    select_protocol: Literal["sampled", "full"] = "sampled"  # which validation NDCG@10 early stopping watches
+    # which validation NDCG@10 early stopping watches: full ranking, the protocol a deployed recommender lives by
+    select_protocol: Literal["sampled", "full"] = "full"
 
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1:
@@ -142,14 +143,20 @@ class RatConfig:
     embeddings: str = "default"  # an embeddings version under <root>/embeddings, or a URI
     embedding_dim: int = bounded(0, low=0)  # expected LLM embedding dimension; 0 = take it from the embeddings
     backbone: Literal["sasrec", "bert4rec", "gru4rec"] = "sasrec"
-    # llm_id: adapted LLM vector + ID vector; llm_frozen: PCA of the LLM table, nothing trained (srs/items.py)
-    item_repr: Literal["id", "llm", "llm_id", "llm_frozen"] = "llm"
+    # llm: LLMEmb (the paper's adapter); llm_id: adapted LLM vector + ID vector; llm_gate: the same with the ID
+    # side gated by training popularity; id_llm_init: ID vectors started from the LLM table's PCA;
+    # llm_frozen: PCA of the LLM table, nothing trained (srs/items.py)
+    item_repr: Literal["id", "llm", "llm_id", "llm_gate", "id_llm_init", "llm_frozen"] = "llm_gate"
     hidden: int = bounded(128, low=1)
     layers: int = bounded(2, low=1)
     heads: int = bounded(1, low=1)
     dropout: float = bounded(0.5, low=0.0, high=1.0, high_open=True)
     max_len: int = bounded(200, low=2)
     adapter_hidden: int = bounded(768, low=1)
+    # bce: the reference's, one sampled negative per target; ce: softmax over the whole catalog;
+    # sampled_softmax: shared in-batch + uniform negatives with the log-Q correction (srs/losses.py)
+    loss: Literal["bce", "ce", "sampled_softmax"] = "ce"
+    num_negatives: int = bounded(256, low=1)  # uniform negatives a batch shares (sampled_softmax)
     alpha: float = bounded(0.01, low=0.0)
     align_temperature: float = bounded(2.0, low=0.0, low_open=True)
     mask_prob: float = bounded(0.6, low=0.0, high=1.0, low_open=True, high_open=True)  # Bert4Rec
@@ -161,6 +168,17 @@ class RatConfig:
     cpus_per_worker: float = bounded(1.0, low=0.0, low_open=True)
     seed: int = 42
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class AdaptConfig:
+    version: str = "default"  # publishes <root>/adapted/<version>
+    embeddings: str = ""  # an embeddings version under <root>/embeddings, or a URI; empty = embed.version
+    incremental_from: str = ""  # a previous adapted version to carry unchanged items over from
+    batch_size: int = bounded(4096, low=1)  # items per transform call
+    num_actors: int = bounded(1, low=1)
+    cpus_per_actor: float = bounded(1.0, low=0.0, low_open=True)
+    rows_per_file: int = bounded(100_000, low=1)  # rows per output Parquet file
 
 
 @dataclass
@@ -177,6 +195,7 @@ class Config:
     scft: ScftConfig = field(default_factory=ScftConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     rat: RatConfig = field(default_factory=RatConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 

@@ -7,6 +7,7 @@
 <root>/embeddings/<embed.version>/              embed: item_id, text_hash, embedding
 <root>/rat/<rat.run>/checkpoints/<variant>/     RAT: Ray Train storage per trained model
 <root>/rat/<rat.run>/result/                    RAT: item embeddings, model, metrics, report
+<root>/adapted/<adapt.version>/                 adapt: every item of an embeddings version, in RAT's space
 <root>/reports/<rat.run>/                       pipeline: the run report
 ```
 Stages find each other's outputs here, never by importing each other.
@@ -57,3 +58,13 @@ def rat_result_uri(cfg: Config) -> str:
 
 def report_uri(cfg: Config) -> str:
     return storage.join(cfg.root, "reports", cfg.rat.run)
+
+
+def adapt_input_embeddings_uri(cfg: Config) -> str:
+    """What adapt reads: `adapt.embeddings` (a version or a URI), else the current `embed.version`."""
+    name = cfg.adapt.embeddings or cfg.embed.version
+    return name if ("://" in name or "/" in name) else embeddings_uri(cfg, name)
+
+
+def adapted_uri(cfg: Config, version: str | None = None) -> str:
+    return storage.join(cfg.root, "adapted", version or cfg.adapt.version)

@@ -84,12 +84,8 @@ def _shutdown_ray_at_end():
         ray.shutdown()
 
 
-@pytest.fixture
-def ray_local(s3_server):
-    """A local Ray cluster shared by the tests (started once; again after a multi-node test replaced it).
-
-    It starts after the S3 variables are set, so its workers inherit them. Never shut it down in a test.
-    """
+def start_local_ray():
+    """The local Ray cluster shared by the tests (started once; again after a multi-node test replaced it)."""
     import ray
 
     if _ray_started["kind"] != "local" or not ray.is_initialized():
@@ -98,6 +94,13 @@ def ray_local(s3_server):
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         _ray_started["kind"] = "local"
     return ray
+
+
+@pytest.fixture
+def ray_local(s3_server):
+    """The shared local Ray cluster. It starts after the S3 variables are set, so its workers inherit them.
+    Never shut it down in a test."""
+    return start_local_ray()
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,9 @@ def llm_table(dim=8):
     return np.random.default_rng(0).normal(size=(NUM_ITEMS, dim)).astype(np.float32)
 
 
-def model(backbone, item_repr="id"):
+def model(backbone, item_repr="id", popularity=None):
     torch.manual_seed(0)
-    return build_model(CFG, backbone, item_repr, NUM_ITEMS, llm_table()).eval()
+    return build_model(CFG, backbone, item_repr, NUM_ITEMS, llm_table(dim=CFG.hidden), popularity).eval()
 
 
 def test_sasrec_is_causal():
@@ -31,7 +31,7 @@ def test_sasrec_is_causal():
 
 
 @pytest.mark.parametrize("backbone", ["sasrec", "bert4rec", "gru4rec"])
-@pytest.mark.parametrize("item_repr", ["id", "llm", "llm_id"])
+@pytest.mark.parametrize("item_repr", ["id", "llm", "llm_id", "llm_gate", "id_llm_init"])
 def test_padding_width_does_not_change_the_prediction(backbone, item_repr):
     m = model(backbone, item_repr)
     short = torch.tensor([[3, 7, 9], [0, 5, 6]])
@@ -41,7 +41,7 @@ def test_padding_width_does_not_change_the_prediction(backbone, item_repr):
 
 
 def test_llm_row_k_is_item_k():
-    llm = standardize(llm_table())
+    llm = standardize(llm_table(dim=CFG.hidden))
     items = model("sasrec", "llm").items
     assert torch.equal(items.llm[0], torch.zeros(llm.shape[1]))  # padding
     for k in (1, 2, NUM_ITEMS):
@@ -132,3 +132,57 @@ def test_dropout_keeps_the_expected_value_and_is_off_in_eval():
     assert torch.equal(drop(x), x)
     with pytest.raises(ValueError, match="rat.dropout"):
         Dropout(1.0)
+
+
+def test_id_llm_init_starts_every_item_at_its_llm_projection_and_trains_it_freely():
+    items = model("sasrec", "id_llm_init").items
+    centred = standardize(llm_table(dim=CFG.hidden))
+    table = items.table().detach()
+    assert torch.equal(table[0], torch.zeros(CFG.hidden))  # padding
+    # Row k is item k: its start is its own LLM vector's projection, at the ID baseline's scale.
+    start = torch.from_numpy(centred) @ items.components.T  # the projection, at the ID baseline's scale
+    assert torch.allclose(table[1:], start, atol=1e-5)
+    # All components kept (hidden = LLM dimension): the start keeps the items' LLM similarities.
+    assert torch.allclose(table[1:] @ table[1:].T, torch.from_numpy(centred @ centred.T) * items.scale**2, atol=1e-4)
+    assert items.emb.weight.requires_grad
+
+
+def test_llm_gate_leans_on_the_id_side_by_training_popularity():
+    popularity = np.zeros(NUM_ITEMS + 1)
+    popularity[1:] = np.arange(NUM_ITEMS)  # item 1 was never seen in training
+    items = model("sasrec", "llm_gate", popularity).items
+    with torch.no_grad():
+        items.ids.weight[1:] = 1.0
+    table = items.table()
+    gate = torch.sigmoid(items.gate_weight * torch.log1p(torch.tensor(popularity, dtype=torch.float32)) + items.gate_bias)
+    for k in (1, 2, NUM_ITEMS):  # row k is item k: its adapted LLM vector plus its gated ID vector
+        assert torch.allclose(table[k], items.llm.table()[k] + gate[k] * 1.0, atol=1e-6)
+        assert torch.allclose(items(torch.tensor([k]))[0], table[k], atol=1e-6)
+    assert gate[NUM_ITEMS] > gate[2] > gate[1]
+    assert "log_count" in items.state_dict()  # saved with the model, so a loaded model gates the same
+
+
+@pytest.mark.parametrize("item_repr", ["llm", "llm_id", "llm_gate", "id_llm_init", "llm_frozen"])
+def test_with_llm_gives_trained_items_their_row_and_new_items_their_text_side(item_repr):
+    llm = llm_table(dim=CFG.hidden)
+    m = model("sasrec", item_repr, np.arange(NUM_ITEMS + 1))
+    items = m.items
+    with torch.no_grad():  # trained ID sides, so that the text side alone would not do
+        for name, p in items.named_parameters():
+            if p.dim() == 2 and p.shape[0] == NUM_ITEMS + 1:
+                p[1:] += 0.5
+    raw = torch.from_numpy(llm)
+    index = torch.arange(1, NUM_ITEMS + 1)
+    # A trained item whose LLM vector is the one it trained with: its own row of the table.
+    assert torch.allclose(items.with_llm(raw, index), items.table()[1:], atol=1e-5)
+    # An item without interactions: the representation's text side, computed from the raw vector alone.
+    new = items.with_llm(raw, torch.zeros(NUM_ITEMS, dtype=torch.long))
+    text_only = {"llm": lambda: items.table()[1:], "llm_frozen": lambda: items.table()[1:],
+                 "llm_id": lambda: items.llm.table()[1:], "llm_gate": lambda: items.llm.table()[1:],
+                 "id_llm_init": lambda: items.standardized(raw) @ items.components.T}[item_repr]()
+    assert torch.allclose(new, text_only, atol=1e-5)
+
+
+def test_id_cannot_place_an_item_without_interactions():
+    with pytest.raises(ValueError, match="cannot place an item without interactions"):
+        model("sasrec", "id").items.with_llm(torch.zeros(1, CFG.hidden), torch.zeros(1, dtype=torch.long))

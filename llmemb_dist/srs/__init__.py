@@ -11,8 +11,11 @@ from llmemb_dist.srs.items import build_items
 from llmemb_dist.srs.sasrec import SASRec
 
 
-def build_model(cfg: RatConfig, backbone: str, item_repr: str, num_items: int, llm: np.ndarray | None = None) -> SeqRecommender:
-    items = build_items(item_repr, num_items, cfg.hidden, cfg.adapter_hidden, llm)
+def build_model(cfg: RatConfig, backbone: str, item_repr: str, num_items: int, llm: np.ndarray | None = None,
+                popularity: np.ndarray | None = None) -> SeqRecommender:
+    """`popularity` (training interactions per item index) is what popularity-aware item representations
+    start from; a model built to load a saved state does not need it."""
+    items = build_items(item_repr, num_items, cfg.hidden, cfg.adapter_hidden, llm, popularity)
     if backbone == "sasrec":
         return SASRec(items, num_items, cfg.hidden, cfg.layers, cfg.heads, cfg.dropout, cfg.max_len)
     if backbone == "bert4rec":

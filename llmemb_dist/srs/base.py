@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmemb_dist.srs.losses import bce_loss, sample_negatives
+from llmemb_dist.srs.losses import Objective
 
 
 def reverse_positions(seqs: torch.Tensor) -> torch.Tensor:
@@ -44,20 +44,34 @@ class SeqRecommender(nn.Module):
         """Outputs at every position; `item_emb` (B, L, hidden) is self.items(seqs) when the caller has it."""
         raise NotImplementedError
 
-    def rec_loss(self, seqs: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
-        """Next-item BCE at every position of left-padded training sequences.
+    def rec_loss(self, seqs: torch.Tensor, generator: torch.Generator | None = None,
+                 objective: Objective | None = None) -> tuple[torch.Tensor, ...]:
+        """The next-item loss at every position of left-padded training sequences (the reference's BCE
+        unless an objective is given).
 
         Returns (loss, target items, their representations): the alignment loss reuses them."""
+        objective = objective or Objective("bce", self.num_items)
         inputs, targets = seqs[:, :-1], seqs[:, 1:]
         where = (inputs != 0) & (targets != 0)
         pos = targets[where]
-        neg = sample_negatives(pos, self.num_items, generator)
-        # One item lookup for inputs, positives and negatives: the LLM adapter then runs once per distinct item.
-        emb = self.items(torch.cat([inputs.reshape(-1), pos, neg]))
-        n_in, n_pos = inputs.numel(), len(pos)
-        hidden = self.encode(inputs, emb[:n_in].view(*inputs.shape, -1))
-        pos_emb = emb[n_in: n_in + n_pos]
-        return bce_loss(hidden[where], pos_emb, emb[n_in + n_pos:]), pos, pos_emb
+        input_emb, pos_emb, neg, neg_emb = self.lookup(pos, objective, generator, inputs)
+        hidden = self.encode(inputs, input_emb.view(*inputs.shape, -1))
+        return objective(hidden[where], pos, pos_emb, neg, neg_emb), pos, pos_emb
+
+    def lookup(self, pos: torch.Tensor, objective: Objective, generator: torch.Generator | None,
+               inputs: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Representations of the inputs (when given), the targets and the objective's negatives, in one
+        pass through the item representation (an LLM adapter then runs once per distinct item). With no
+        negatives to draw (the full softmax) the negatives are the whole table."""
+        neg = objective.negatives(pos, generator)
+        if neg is None:
+            table = self.items.table()
+            return None if inputs is None else table[inputs], table[pos], None, table
+        ids = [pos, neg] if inputs is None else [inputs.reshape(-1), pos, neg]
+        emb = self.items(torch.cat(ids))
+        n_in = 0 if inputs is None else inputs.numel()
+        input_emb = None if inputs is None else emb[:n_in]
+        return input_emb, emb[n_in: n_in + len(pos)], neg, emb[n_in + len(pos):]
 
     def user_repr(self, seqs: torch.Tensor) -> torch.Tensor:
         """The state after each (left-padded) input sequence, (B, hidden)."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from llmemb_dist.srs.base import Dropout, SeqRecommender, reverse_positions
-from llmemb_dist.srs.losses import bce_loss, sample_negatives
+from llmemb_dist.srs.losses import Objective
 from llmemb_dist.srs.sasrec import TransformerEncoder
 
 
@@ -31,7 +31,9 @@ class Bert4Rec(SeqRecommender):
         x = x * self.hidden**0.5 + self.pos_emb(reverse_positions(seqs))
         return self.encoder(self.emb_dropout(x), seqs)
 
-    def rec_loss(self, seqs: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+    def rec_loss(self, seqs: torch.Tensor, generator: torch.Generator | None = None,
+                 objective: Objective | None = None) -> tuple[torch.Tensor, ...]:
+        objective = objective or Objective("bce", self.num_items)
         real = seqs != 0
         draw = torch.rand(seqs.shape, generator=generator, device=seqs.device) < self.mask_prob
         last_only = torch.zeros_like(real)
@@ -41,9 +43,8 @@ class Bert4Rec(SeqRecommender):
         inputs = torch.where(where, torch.full_like(both, self.mask_token), both)
         hidden = self.encode(inputs)
         pos = both[where]
-        neg = sample_negatives(pos, self.num_items, generator)
-        pos_emb, neg_emb = self.items(torch.cat([pos, neg])).split(len(pos))
-        return bce_loss(hidden[where], pos_emb, neg_emb), pos, pos_emb
+        _, pos_emb, neg, neg_emb = self.lookup(pos, objective, generator)
+        return objective(hidden[where], pos, pos_emb, neg, neg_emb), pos, pos_emb
 
     def user_repr(self, seqs: torch.Tensor) -> torch.Tensor:
         # Predict the next item as a masked slot after the sequence (keeping max_len tokens).

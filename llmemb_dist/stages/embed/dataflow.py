@@ -1,6 +1,5 @@
-"""The Ray Data side of the embedding job: reading the catalog, the actor pool, writing and checking blocks.
-
-Every block is written straight to storage by Ray workers; the vectors never pass through the driver.
+"""The Ray Data side of the embedding job: the catalog through the model's actor pool, vectors carried
+over from a previous version, and the streaming PCA fit. Blocks are written by blockio.py.
 """
 from __future__ import annotations
 
@@ -8,16 +7,12 @@ import logging
 import tempfile
 from pathlib import Path
 
-import pyarrow as pa
-
 from llmemb_dist import storage
+from llmemb_dist.blockio import keep_rows, read, uris
 from llmemb_dist.config import Config
-from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH
 from llmemb_dist.stages.embed import pca as embed_pca
 from llmemb_dist.stages.embed.actor import SORT_WINDOW, EmbedActor
-from llmemb_dist.stages.embed.blocks import key_checksum, keep_rows, write_block
 from llmemb_dist.stages.embed.plan import Plan
-from llmemb_dist.stages.embed.reading import read
 
 log = logging.getLogger(__name__)
 
@@ -62,31 +57,7 @@ def carried_over(plan: Plan):
     return read(files).map_batches(keep_rows, fn_kwargs={"ids_ref": ray.put(plan.reused_ids), "keep": True}, batch_format="pyarrow")
 
 
-def write(dataset, folder: str, rows_per_file: int) -> list[dict]:
-    """Writes the dataset as content-named Parquet files; returns one record per distinct file."""
-    records = dataset.map_batches(write_block, fn_kwargs={"folder_uri": folder}, batch_size=rows_per_file, batch_format="pyarrow").take_all()
-    # A block written twice (its task retried) wrote the same file twice: count it once.
-    return list({r["file"]: r for r in records}.values())
-
-
-def uris(folder: str, meta: list[dict]) -> list[str]:
-    return [storage.join(folder, m["file"]) for m in meta]
-
-
 def fit_pca(folder: str, files: list[dict], dim: int) -> dict:
     moments = read(uris(folder, files)).map_batches(embed_pca.block_moments, batch_format="pyarrow").take_all()
     log.info("fitting PCA to %d dimensions on %d items", dim, sum(m["n"] for m in moments))
     return embed_pca.fit(moments, dim)
-
-
-def verify(meta: list[dict], keys: pa.Table, out_uri: str) -> int:
-    """Exactly once: the written rows must be the catalog's (item_id, text_hash) rows, each once."""
-    rows = sum(m["rows"] for m in meta)
-    checksum = sum(int(m["checksum"]) for m in meta) % 2**64
-    if rows != keys.num_rows or checksum != key_checksum(keys[ITEM_ID], keys[TEXT_HASH]):
-        raise storage.StorageError(
-            f"{out_uri}: the written embeddings are not the catalog's items exactly once ({rows} rows written, "
-            f"{keys.num_rows} expected; (item_id, text_hash) checksum "
-            f"{'matches' if checksum == key_checksum(keys[ITEM_ID], keys[TEXT_HASH]) else 'differs'}); nothing is published"
-        )
-    return rows

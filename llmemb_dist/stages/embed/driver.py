@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
-from llmemb_dist import layout, storage
+from llmemb_dist import blockio, layout, storage
 from llmemb_dist.config import Config, ConfigError, config_hash, to_dict
 from llmemb_dist.data.embeddings import embeddings_schema
 from llmemb_dist.distributed.cluster import init_ray
@@ -20,7 +20,6 @@ from llmemb_dist.llm.loading import base_model_info, resolve_model
 from llmemb_dist.stages.embed import dataflow
 from llmemb_dist.stages.embed import pca as embed_pca
 from llmemb_dist.stages.embed.plan import encoder_identity, hidden_size, make_plan, previous_pca, resolve_adapter
-from llmemb_dist.stages.embed.reading import read
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +60,9 @@ def embed(cfg: Config) -> str:
         start = time.time()
         if cfg.embed.pca_dim and pca is None:  # fit on this catalog: embed to a scratch folder first
             raw_folder = storage.join(pub.data_uri, "_raw")
-            raw_files = dataflow.write(dataflow.embedded(cfg, plan, adapter, pub.data_dir), raw_folder, cfg.embed.rows_per_file)
+            raw_files = blockio.write(dataflow.embedded(cfg, plan, adapter, pub.data_dir), raw_folder, cfg.embed.rows_per_file)
             pca = dataflow.fit_pca(raw_folder, raw_files, cfg.embed.pca_dim)
-            meta = dataflow.write(read(dataflow.uris(raw_folder, raw_files)).map_batches(
+            meta = blockio.write(blockio.read(blockio.uris(raw_folder, raw_files)).map_batches(
                 embed_pca.project, fn_kwargs={"pca": pca}, batch_format="pyarrow"), folder, cfg.embed.rows_per_file)
             storage.delete_tree(raw_folder)
         else:
@@ -73,8 +72,8 @@ def embed(cfg: Config) -> str:
                 parts.append(new.map_batches(embed_pca.project, fn_kwargs={"pca": pca}, batch_format="pyarrow") if pca else new)
             if plan.reused:
                 parts.append(dataflow.carried_over(plan))
-            meta = dataflow.write(parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0], folder, cfg.embed.rows_per_file)
-        rows = dataflow.verify(meta, plan.keys, out_uri)
+            meta = blockio.write(parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0], folder, cfg.embed.rows_per_file)
+        rows = blockio.verify(meta, plan.keys, out_uri, "embeddings")
         log.info("wrote %d embeddings in %d files in %.1f s (%.1f items/s embedded)",
                  rows, len(meta), time.time() - start, plan.new / max(time.time() - start, 1e-9))
         pub.add_table_files("embeddings", [m["file"] for m in meta], rows, embeddings_schema(dim))

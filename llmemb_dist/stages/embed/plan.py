@@ -15,7 +15,7 @@ from llmemb_dist.config import Config, ConfigError
 from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH, text_hash
 from llmemb_dist.llm.loading import ModelSource
 from llmemb_dist.stages.embed import pca as embed_pca
-from llmemb_dist.stages.embed.reading import read_keys
+from llmemb_dist.blockio import read_keys, unchanged_since
 
 log = logging.getLogger(__name__)
 EMPTY_TEXT_HASH = text_hash([])  # the hash of an item with every attribute empty
@@ -102,16 +102,9 @@ def make_plan(cfg: Config, data_uri: str, data_manifest: dict, dim: int, encoder
         log.warning("%s was embedded with another model, adapter or prompt: no vector can be reused, "
                     "embedding every item", prev_uri)
         return plan
-    prev_keys = read_keys(storage.table_files(prev_uri, "embeddings", prev))
-    same = pc.is_in(_joined(keys), value_set=_joined(prev_keys))
     plan.previous, plan.previous_manifest = prev_uri, prev
-    plan.reused_ids = keys[ITEM_ID].filter(same).combine_chunks()
-    plan.removed = int(pc.sum(pc.invert(pc.is_in(prev_keys[ITEM_ID], value_set=keys[ITEM_ID]))).as_py() or 0)
+    plan.reused_ids, plan.removed = unchanged_since(keys, read_keys(storage.table_files(prev_uri, "embeddings", prev)))
     return plan
-
-
-def _joined(keys: pa.Table) -> pa.ChunkedArray:
-    return pc.binary_join_element_wise(keys[ITEM_ID], keys[TEXT_HASH], "\x1f")
 
 
 def previous_pca(plan: Plan) -> dict | None:

@@ -13,27 +13,42 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 
 from llmemb_dist import layout, storage
-from llmemb_dist.config import Config, config_hash, to_dict
-from llmemb_dist.data.catalog import ITEM_ID
+from llmemb_dist.config import Config, RatConfig, config_hash, to_dict
 from llmemb_dist.distributed.cluster import init_ray
+from llmemb_dist.data.embeddings import embeddings_table
 from llmemb_dist.srs import SeqRecommender
+from llmemb_dist.srs.placement import ItemPlacement
 from llmemb_dist.stages.rat import report
-from llmemb_dist.stages.rat.inputs import load_llm_table, load_sequences
+from llmemb_dist.stages.rat.inputs import catalog_text_hashes, load_llm_table, load_sequences
 from llmemb_dist.stages.rat.worker import train_variant
 
 log = logging.getLogger(__name__)
+PLACEMENT_DIR = "placement"
 
 
-def item_table(model: SeqRecommender, item_ids: list[str]) -> pa.Table:
+def item_placement(model: SeqRecommender, rcfg: RatConfig, item_ids: list[str], text_hashes: list[str],
+                   llm: np.ndarray | None, emb_uri: str) -> ItemPlacement:
+    """The trained item representation with what adapt needs to place any item the way RAT does."""
+    spec = {"item_repr": rcfg.item_repr, "hidden": rcfg.hidden, "adapter_hidden": rcfg.adapter_hidden,
+            "llm_dim": 0 if llm is None else int(llm.shape[1])}
+    if llm is not None:
+        manifest = storage.read_manifest(emb_uri)
+        spec["embeddings"] = {"uri": emb_uri, "data_dir": manifest["data_dir"], "encoder": manifest.get("encoder"),
+                              "base_model": manifest.get("base_model")}
     with torch.no_grad():
-        emb = model.items.table()[1:].float().numpy()
-    flat = pa.array(emb.reshape(-1), type=pa.float32())
-    return pa.table({ITEM_ID: pa.array(item_ids, pa.string()),
-                     "embedding": pa.FixedSizeListArray.from_arrays(flat, emb.shape[1])})
+        return ItemPlacement(model.items, spec, item_ids, text_hashes, model.items.table())
+
+
+def item_table(placement: ItemPlacement, item_ids: list[str], text_hashes: list[str], llm: np.ndarray | None) -> pa.Table:
+    """RAT's item table, through the same placement the adapt stage applies to new items."""
+    raw = np.zeros((len(item_ids), 0), dtype=np.float32) if llm is None else llm
+    vectors = placement.vectors(item_ids, text_hashes, raw)
+    return embeddings_table(pa.array(item_ids, pa.string()), pa.array(text_hashes, pa.string()), vectors)
 
 
 def _summary(final: dict) -> dict:
@@ -64,22 +79,29 @@ def rat(cfg: Config) -> str:
     init_ray(cfg.ray)
     # The collaborative SASRec is the ID-only baseline too: trained once, used twice.
     baseline, baseline_final = train_variant(cfg, data, rcfg.backbone, "id")
-    variants = {f"{rcfg.backbone}-id": _summary(baseline_final)}
-    model, main = baseline, f"{rcfg.backbone}-id"
+    baseline_name = f"{rcfg.backbone}-id"
+    variants = {baseline_name: _summary(baseline_final)}
+    model, main = baseline, baseline_name
     if uses_llm:
         collab = baseline if rcfg.backbone == "sasrec" else train_variant(cfg, data, "sasrec", "id")[0]
         srs = collab.items.table().detach().numpy()
         model, final = train_variant(cfg, data, rcfg.backbone, rcfg.item_repr, llm=llm, srs=srs)
         main = f"{rcfg.backbone}-{rcfg.item_repr}"
         variants[main] = _summary(final)
-    metrics = {"main": main, "baseline": f"{rcfg.backbone}-id", "dropped_users": data.dropped_users,
+    metrics = {"main": main, "baseline": baseline_name, "dropped_users": data.dropped_users,
                "users": len(data.seqs), "items": data.num_items, "variants": variants}
+    hashes = catalog_text_hashes(cfg, data.item_ids)
+    placement = item_placement(model, rcfg, data.item_ids, hashes, llm, emb_uri)
     model_config = {"backbone": rcfg.backbone, "item_repr": rcfg.item_repr, "num_items": data.num_items,
                     "hidden": rcfg.hidden, "layers": rcfg.layers, "heads": rcfg.heads, "max_len": rcfg.max_len,
                     "adapter_hidden": rcfg.adapter_hidden, "llm_dim": None if llm is None else int(llm.shape[1]),
                     "embeddings": emb_uri, "row_k_is": "item k of table item_embeddings (row 0 is padding)"}
     with storage.publish(out_uri, kind="rat", config=to_dict(cfg), config_hash=config_hash(rcfg), inputs=inputs) as pub:
-        pub.write_table("item_embeddings", item_table(model, data.item_ids), num_shards=1)
+        pub.write_table("item_embeddings", item_table(placement, data.item_ids, hashes, llm), num_shards=1)
+        with tempfile.TemporaryDirectory() as d:
+            placement.save(d)
+            pub.upload_dir(d, PLACEMENT_DIR)
+        pub.info["placement"] = {"folder": PLACEMENT_DIR, **placement.spec}
         with tempfile.TemporaryDirectory() as d:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(Path(d) / "model.safetensors"))
             (Path(d) / "model_config.json").write_text(json.dumps(model_config, indent=2))

@@ -8,7 +8,7 @@ import pyarrow as pa
 
 from llmemb_dist import layout, storage
 from llmemb_dist.config import Config
-from llmemb_dist.data.catalog import ITEM_ID
+from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH
 from llmemb_dist.data.sequences import Sequences, build_sequences
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,18 @@ def load_llm_table(uri: str, item_ids: list[str], expected_dim: int = 0) -> np.n
 
 
 def load_sequences(cfg: Config) -> Sequences:
+    """Every user's sequence over the active items: the catalog items that appear in the interactions,
+    in catalog order. Items nobody interacted with are left to the adapt stage, so RAT's memory grows
+    with the active set, not with the catalog."""
     uri = layout.dataset_uri(cfg)
-    catalog = storage.read_table(uri, "catalog")
-    return build_sequences(storage.read_table(uri, "interactions"), catalog.column(ITEM_ID).to_pylist(), f"{uri}/interactions")
+    interactions = storage.read_table(uri, "interactions")
+    seen = set(interactions.column(ITEM_ID).unique().to_pylist())
+    active = [item for item in storage.read_table(uri, "catalog").column(ITEM_ID).to_pylist() if item in seen]
+    return build_sequences(interactions, active, f"{uri}/interactions")
+
+
+def catalog_text_hashes(cfg: Config, item_ids: list[str]) -> list[str]:
+    """The text hash of each item (the catalog's): what says later whether an item's text has changed."""
+    catalog = storage.read_table(layout.dataset_uri(cfg), "catalog").select([ITEM_ID, TEXT_HASH]).to_pylist()
+    hashes = {row[ITEM_ID]: row[TEXT_HASH] for row in catalog}
+    return [hashes[item] for item in item_ids]

@@ -1,4 +1,4 @@
-"""RAT's training objective: the recommendation loss plus alpha times alignment to collaborative vectors."""
+"""RAT's training objective: the next-item loss (`rat.loss`) plus alpha times alignment to collaborative vectors."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,20 +6,20 @@ import torch
 from torch import nn
 
 from llmemb_dist.srs import SeqRecommender
-from llmemb_dist.srs.losses import alignment_loss
+from llmemb_dist.srs.losses import Objective, alignment_loss
 
 
 class RatModule(nn.Module):
     """The training objective: recommendation loss, plus alpha * alignment of the batch's target items."""
 
-    def __init__(self, model: SeqRecommender, srs: np.ndarray | None, alpha: float, temperature: float):
+    def __init__(self, model: SeqRecommender, rec: Objective, srs: np.ndarray | None, alpha: float, temperature: float):
         super().__init__()
-        self.model, self.alpha, self.temperature = model, alpha, temperature
+        self.model, self.rec, self.alpha, self.temperature = model, rec, alpha, temperature
         # Collaborative embeddings are a frozen input, not part of the saved model.
         self.register_buffer("srs", None if srs is None else torch.as_tensor(srs, dtype=torch.float32), persistent=False)
 
     def forward(self, seqs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        loss, targets, target_emb = self.model.rec_loss(seqs, generator)
+        loss, targets, target_emb = self.model.rec_loss(seqs, generator, self.rec)
         if self.srs is not None and self.alpha > 0:
             items, inverse = targets.unique(return_inverse=True)
             # Each distinct target's representation, taken from the recommendation loss's lookup, not recomputed.

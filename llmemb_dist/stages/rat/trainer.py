@@ -19,6 +19,7 @@ from llmemb_dist.config import RatConfig
 from llmemb_dist.data.sequences import Sequences, bucketed_batches, pad_left, train_inputs
 from llmemb_dist.distributed.collective import data_parallel, gather_objects
 from llmemb_dist.srs import SeqRecommender
+from llmemb_dist.srs.losses import Objective
 from llmemb_dist.stages.rat.evaluate import PROTOCOLS, EvalSplit, Scorer, make_split, ranks, summarize
 from llmemb_dist.stages.rat.objective import RatModule
 
@@ -76,7 +77,8 @@ def fit(
     # Adam moments) can reach the denormal range, where CPU arithmetic is far slower; flushing them to zero
     # changes no result (RAT epoch times: bench/rat_bench.py).
     torch.set_flush_denormal(True)
-    objective = RatModule(model, srs, rcfg.alpha, rcfg.align_temperature)
+    rec = Objective(rcfg.loss, data.num_items, rcfg.num_negatives, data.train_popularity())
+    objective = RatModule(model, rec, srs, rcfg.alpha, rcfg.align_temperature)
     trainable = data_parallel(objective, world)
     # The fused kernel: the same update as the default per-tensor loop, which costs a large share of a CPU
     # step over this many small tensors (bench/rat_bench.py keeps the epoch times).

@@ -52,8 +52,9 @@ def train_worker(config: dict) -> None:
             torch.save(st, Path(d) / STATE_FILE)
             ray_train.report(metrics, d)
 
-    model = build_model(rcfg, config["backbone"], config["item_repr"], config["data"].num_items, config["llm"])
-    result = fit(model, config["data"], rcfg, srs=config["srs"], state=state, on_epoch=report_state,
+    data: Sequences = config["data"]
+    model = build_model(rcfg, config["backbone"], config["item_repr"], data.num_items, config["llm"], data.train_popularity())
+    result = fit(model, data, rcfg, srs=config["srs"], state=state, on_epoch=report_state,
                  rank=rank, world=worker.world)
     final = {"done": True, "epoch": len(result.history), "best_state": result.best_state, "best_epoch": result.best_epoch,
              "valid": result.valid, "test": result.test, "history": result.history}

@@ -1,0 +1,128 @@
+"""Stage 4, adapt: a trained RAT model plus any embeddings version gives `<root>/adapted/<version>/`, the
+recommender-space vector of every item of that version (item_id, text_hash, embedding), new items included.
+
+Items RAT trained on whose text is unchanged get exactly the vectors RAT published; every other item gets
+what the item representation gives it from its LLM vector (srs/placement.py). A Ray Data job streams the
+embeddings through an actor pool and writes each block straight to storage, so no process holds the
+catalog's vectors. With `adapt.incremental_from`, items whose LLM vector and model are unchanged are
+carried over from a previous adapted version; a rerun with nothing changed does nothing.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import pyarrow as pa
+
+from llmemb_dist import blockio, layout, storage
+from llmemb_dist.config import Config, config_hash, to_dict
+from llmemb_dist.data.embeddings import embeddings_schema
+from llmemb_dist.distributed.cluster import init_ray
+from llmemb_dist.stages.adapt.actor import PlaceActor
+
+log = logging.getLogger(__name__)
+TABLE = "item_embeddings"
+
+
+def adapt(cfg: Config) -> str:
+    """Publishes the adapted vectors of every item of the embeddings version; returns their URI."""
+    out_uri = layout.adapted_uri(cfg)
+    rat_uri, emb_uri = layout.rat_result_uri(cfg), layout.adapt_input_embeddings_uri(cfg)
+    rat_manifest, emb_manifest = storage.read_manifest(rat_uri), storage.read_manifest(emb_uri)
+    placement = check_inputs(rat_uri, rat_manifest, emb_uri, emb_manifest)
+    inputs = {
+        "rat": {"uri": rat_uri, "data_dir": rat_manifest["data_dir"]},
+        "embeddings": {"uri": emb_uri, "data_dir": emb_manifest["data_dir"], "encoder": emb_manifest.get("encoder")},
+        "incremental_from": cfg.adapt.incremental_from or None,
+    }
+    if storage.already_published(out_uri, {"inputs": inputs}, "adapted vectors", differs="other inputs",
+                                 hint="choose another adapt.version"):
+        return out_uri
+
+    init_ray(cfg.ray)
+    emb_files = storage.table_files(emb_uri, "embeddings", emb_manifest)
+    keys = blockio.read_keys(emb_files)
+    reused, removed, previous = carried_over(cfg, keys, inputs)
+    counts = {"items": keys.num_rows, "computed": keys.num_rows - len(reused), "reused": len(reused), "removed": removed}
+    log.info("adapting %s with %s into %s: %s", emb_uri, rat_uri, out_uri, counts)
+    started = time.time()
+    with storage.publish(out_uri, kind="adapted", config=to_dict(cfg), config_hash=config_hash(cfg.adapt),
+                         inputs=inputs) as pub:
+        parts = []
+        if counts["computed"]:
+            parts.append(placed(cfg, emb_files, reused, storage.join(storage.data_uri(rat_uri, rat_manifest),
+                                                                     placement["folder"])))
+        if reused:
+            import ray
+
+            files = storage.table_files(previous[0], TABLE, previous[1])
+            parts.append(blockio.read(files).map_batches(
+                blockio.keep_rows, fn_kwargs={"ids_ref": ray.put(reused), "keep": True}, batch_format="pyarrow"))
+        dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        meta = blockio.write(dataset, storage.join(pub.data_uri, TABLE), cfg.adapt.rows_per_file)
+        rows = blockio.verify(meta, keys, out_uri, "adapted vectors")
+        pub.add_table_files(TABLE, [m["file"] for m in meta], rows, embeddings_schema(placement["hidden"]))
+        pub.info.update(counts=counts, dim=placement["hidden"], item_repr=placement["item_repr"],
+                        previous=previous and previous[0])
+    log.info("published %s in %.1f s: %s", out_uri, time.time() - started, counts)
+    return out_uri
+
+
+def check_inputs(rat_uri: str, rat_manifest: dict, emb_uri: str, emb_manifest: dict) -> dict:
+    """The RAT publication's placement record, once the embeddings are known to be in the space RAT trained on."""
+    placement = rat_manifest.get("placement")
+    if not placement:
+        raise storage.DataError(
+            f"{rat_uri}: this RAT publication has no saved transform (published before the adapt stage existed): "
+            "rerun RAT into a new rat.run")
+    if placement["item_repr"] == "id":
+        raise storage.DataError(
+            f"{rat_uri}: rat.item_repr is 'id', which has no text side to place new items with; "
+            "adapt needs an LLM-based item representation")
+    trained = placement["embeddings"]
+    if emb_manifest.get("dim") != placement["llm_dim"]:
+        raise storage.DataError(
+            f"{emb_uri}: embeddings of dimension {emb_manifest.get('dim')}, but RAT ({rat_uri}) trained on "
+            f"dimension {placement['llm_dim']} ({trained['uri']})")
+    if emb_manifest.get("encoder") != trained["encoder"]:
+        base, trained_base = emb_manifest.get("base_model") or {}, trained.get("base_model") or {}
+        raise storage.DataError(
+            f"{emb_uri}: embedded by base model {base.get('path')!r} (encoder {emb_manifest.get('encoder')}), but RAT "
+            f"({rat_uri}) trained on embeddings by {trained_base.get('path')!r} (encoder {trained['encoder']}, "
+            f"{trained['uri']}): its adapter expects that encoder's space")
+    if emb_manifest["tables"].get("embeddings", {}).get("rows", 0) == 0:
+        raise storage.DataError(f"{emb_uri}: the embeddings version is empty: nothing to adapt")
+    return placement
+
+
+def carried_over(cfg: Config, keys: pa.Table, inputs: dict) -> tuple[pa.Array, int, tuple[str, dict] | None]:
+    """Item ids whose adapted vector a previous version already holds from the same model and LLM vector."""
+    if not cfg.adapt.incremental_from:
+        return pa.array([], pa.string()), 0, None
+    prev_uri = layout.adapted_uri(cfg, cfg.adapt.incremental_from)
+    prev = storage.read_manifest(prev_uri)
+    same_model = prev["inputs"]["rat"]["data_dir"] == inputs["rat"]["data_dir"]
+    same_encoder = prev["inputs"]["embeddings"]["encoder"] == inputs["embeddings"]["encoder"]
+    if not (same_model and same_encoder):
+        log.warning("%s was adapted with another RAT model or encoder: no vector can be reused, adapting every item",
+                    prev_uri)
+        return pa.array([], pa.string()), 0, None
+    reused, removed = blockio.unchanged_since(keys, blockio.read_keys(storage.table_files(prev_uri, TABLE, prev)))
+    return reused, removed, (prev_uri, prev)
+
+
+def placed(cfg: Config, emb_files: list[str], reused: pa.Array, placement_uri: str):
+    """The Ray Dataset of the items to compute, through the placement on an actor pool (lazy)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    a = cfg.adapt
+    dataset = blockio.read(emb_files, min_blocks=a.num_actors * 4)
+    if len(reused):
+        dataset = dataset.map_batches(blockio.keep_rows, fn_kwargs={"ids_ref": ray.put(reused), "keep": False},
+                                      batch_format="pyarrow")
+    return dataset.map_batches(
+        PlaceActor, fn_constructor_kwargs={"placement_uri": placement_uri, "num_threads": int(a.cpus_per_actor)},
+        batch_size=a.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=a.num_actors),
+        num_cpus=a.cpus_per_actor,
+    )
