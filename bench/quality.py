@@ -136,8 +136,8 @@ def scft_adapter_files(cfg: Config) -> str:
 
 
 def llm_table(cfg: Config, dataset: str, model: str, item_ids: list[str], tuned: bool) -> np.ndarray:
-    """Embeddings of the catalog by the bare or the SCFT-tuned base model, row k - 1 for item k,
-    through the embedding stage's actor code."""
+    """Embeddings of the catalog by the bare or the SCFT-tuned base model, row k - 1 for item k of `item_ids`,
+    through the embedding stage's actor code (cached for the whole catalog)."""
     from llmemb_dist.stages.scft.driver import stage_hash
 
     path = CACHE / "emb" / (f"{dataset}-{model}-scft{stage_hash(cfg)[:8]}.npy" if tuned else f"{dataset}-{model}.npy")
@@ -157,9 +157,11 @@ def llm_table(cfg: Config, dataset: str, model: str, item_ids: list[str], tuned:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, vectors)
         (path.with_suffix(".ids.json")).write_text(json.dumps(catalog.column(ITEM_ID).to_pylist()))
-    if json.loads(path.with_suffix(".ids.json").read_text()) != item_ids:
-        raise storage.DataError(f"{path}: cached embeddings are of another catalog order; delete the file")
-    return np.load(path)
+    row = {item: k for k, item in enumerate(json.loads(path.with_suffix(".ids.json").read_text()))}
+    missing = [item for item in item_ids if item not in row]
+    if missing:
+        raise storage.DataError(f"{path}: cached embeddings lack {len(missing)} items of the catalog; delete the file")
+    return np.load(path)[[row[item] for item in item_ids]]  # RAT's items: the active ones, in catalog order
 
 
 def in_budget(args: argparse.Namespace, model: str, dataset: str) -> bool:

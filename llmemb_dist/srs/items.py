@@ -128,11 +128,7 @@ class FrozenLlmItems(nn.Module):
 
     def __init__(self, llm: np.ndarray, hidden: int):
         super().__init__()
-        if min(llm.shape) < hidden:
-            raise ValueError(f"item_repr 'llm_frozen' needs at least rat.hidden={hidden} items and LLM dimensions, "
-                             f"the embeddings are {llm.shape[0]} x {llm.shape[1]}")
-        centred = standardize(llm)
-        components = pca_components(centred, hidden)
+        centred, components = projection(llm, hidden, "llm_frozen")
         table = torch.zeros(llm.shape[0] + 1, hidden)
         table[1:] = torch.from_numpy(centred @ components.T)
         self.register_buffer("frozen", table, persistent=False)
@@ -149,13 +145,17 @@ class FrozenLlmItems(nn.Module):
         return self.standardized(raw) @ self.components.T
 
 
-def pca_components(standardized: np.ndarray, dim: int) -> np.ndarray:
-    """The top `dim` principal directions (rows) of a centred table, signs fixed for reproducibility."""
-    components = np.linalg.svd(standardized, full_matrices=False)[2][:dim]
-    return components * np.sign(components[np.arange(len(components)), np.abs(components).argmax(1)])[:, None]
+def projection(llm: np.ndarray, hidden: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """The standardised table and its top `hidden` principal directions (rows, signs fixed for reproducibility)."""
+    if min(llm.shape) < hidden:
+        raise ValueError(f"item_repr {kind!r} needs at least rat.hidden={hidden} items and LLM dimensions, "
+                         f"the embeddings are {llm.shape[0]} x {llm.shape[1]}")
+    centred = standardize(llm)
+    components = np.linalg.svd(centred, full_matrices=False)[2][:hidden]
+    return centred, components * np.sign(components[np.arange(hidden), np.abs(components).argmax(1)])[:, None]
 
 
-class LlmInitIdItems(nn.Module):
+class LlmInitIdItems(IdItems):
     """Free ID vectors initialised from the LLM table (item_repr 'id_llm_init'), as LLM-ESR and LLMInit do.
 
     Each item starts at the PCA projection of its standardised LLM vector, scaled to the size of
@@ -166,29 +166,17 @@ class LlmInitIdItems(nn.Module):
     """
 
     def __init__(self, llm: np.ndarray, num_items: int, hidden: int):
-        super().__init__()
-        if min(llm.shape) < hidden:
-            raise ValueError(f"item_repr 'id_llm_init' needs at least rat.hidden={hidden} items and LLM dimensions, "
-                             f"the embeddings are {llm.shape[0]} x {llm.shape[1]}")
-        centred = standardize(llm)
-        components = pca_components(centred, hidden)
+        super().__init__(num_items, hidden)
+        centred, components = projection(llm, hidden, "id_llm_init")
         start = centred @ components.T
-        # xavier_normal_ on the baseline's (num_items + 1, hidden) table: this mean row norm.
+        # The baseline's xavier_normal_ start on a (num_items + 1, hidden) table has this mean row norm.
         id_norm = np.sqrt(hidden * 2.0 / (num_items + 1 + hidden))
         self.scale = float(id_norm / max(np.linalg.norm(start, axis=1).mean(), 1e-12))
-        self.emb = nn.Embedding(num_items + 1, hidden, padding_idx=0)
         with torch.no_grad():
-            self.emb.weight[0].zero_()
             self.emb.weight[1:] = torch.from_numpy(start * self.scale)
         self.standardized = Standardized(llm)
         # The projection that placed every item at its start, for items that arrive later.
         self.register_buffer("components", torch.from_numpy((components * self.scale).astype(np.float32)))
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.emb(ids)
-
-    def table(self) -> torch.Tensor:
-        return self.emb.weight
 
     def with_llm(self, raw: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         start = self.standardized(raw) @ self.components.T
