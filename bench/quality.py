@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -425,7 +426,14 @@ def ratio(agg: dict, key: tuple, base_key: tuple, group: str, protocol: str = "f
     """NDCG@10 of cell `key` over cell `base_key` for a user group; None when either is missing."""
     if key not in agg or base_key not in agg:
         return None
-    return agg[key]["mean"][protocol][group]["NDCG@10"] / max(agg[base_key]["mean"][protocol][group]["NDCG@10"], 1e-12)
+    value, base = (agg[k]["mean"][protocol][group]["NDCG@10"] for k in (key, base_key))
+    if base == 0:  # ID-only never ranks this group's targets in the top 10: no ratio, only "better" or "equal"
+        return math.inf if value > 0 else math.nan
+    return value / base
+
+
+def times(r: float) -> str:
+    return "inf (ID-only 0)" if math.isinf(r) else "- (both 0)" if math.isnan(r) else f"{r:.2f}x"
 
 
 def ratio_rows(agg: dict, setting: str, dataset: str) -> list[str]:
@@ -437,7 +445,7 @@ def ratio_rows(agg: dict, setting: str, dataset: str) -> list[str]:
         key, base = (s, d, model, backbone, variant), (s, d, "-", backbone, "id")
         cells = [(ratio(agg, key, base, g), ratio(agg, key, base, g, "sampled")) for g in ("overall", "head", "tail")]
         if None not in (x for pair in cells for x in pair):
-            lines.append(f"| {backbone} | {variant} ({model}) | " + " | ".join(f"{f:.2f}x ({p:.2f}x)" for f, p in cells) + " |")
+            lines.append(f"| {backbone} | {variant} ({model}) | " + " | ".join(f"{times(f)} ({times(p)})" for f, p in cells) + " |")
     return lines
 
 
@@ -449,14 +457,14 @@ def aim_rows(agg: dict, setting: str, dataset: str) -> list[str]:
         for group, target in SASREC_AIMS if backbone == "sasrec" else (OTHER_BACKBONE_AIM,):
             measured = {v: ratio(agg, (setting, dataset, "minilm", backbone, v), base, group)
                         for v in ("llmemb", *OURS)}
-            measured = {v: r for v, r in measured.items() if r is not None}
+            measured = {v: r for v, r in measured.items() if r is not None and not math.isnan(r)}
             if measured:
                 best = max(measured, key=measured.get)
-                lines.append(f"| {backbone} {group} NDCG@10 / ID-only | >= {target}x | {measured[best]:.2f}x ({best}) | "
+                lines.append(f"| {backbone} {group} NDCG@10 / ID-only | >= {target}x | {times(measured[best])} ({best}) | "
                              f"{'met' if measured[best] >= target else 'NOT met'} |")
     r = ratio(agg, (setting, dataset, "minilm", "sasrec", "llmemb"), (setting, dataset, "minilm", "sasrec", "llmemb-noscft"), "overall")
     if r is not None:
-        lines.append(f"| llmemb overall NDCG@10 / llmemb-noscft | >= {SCFT_AIM}x | {r:.2f}x | {'met' if r >= SCFT_AIM else 'NOT met'} |")
+        lines.append(f"| llmemb overall NDCG@10 / llmemb-noscft | >= {SCFT_AIM}x | {times(r)} | {'met' if r >= SCFT_AIM else 'NOT met'} |")
     return lines
 
 
@@ -531,8 +539,12 @@ def plot(agg: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({k[:2] for k in agg})
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (setting, dataset) in zip(axes[0], panels):
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.5 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (setting, dataset) in zip(axes.flat, panels):
         rows = [(k, v) for k, v in agg.items() if k[:2] == (setting, dataset) and k[3] == "sasrec"]
         width = 0.8 / max(1, len(rows))
         for i, (k, v) in enumerate(rows):
@@ -542,7 +554,7 @@ def plot(agg: dict, path: Path) -> None:
         ax.set_xticks(np.arange(3) + 0.4 - width / 2, ["overall", "head", "tail"])
         name, *overrides = setting.split()
         changed = [o for o in overrides if o not in SETTINGS[name]]  # what sets this panel apart from its setting
-        ax.set_title(f"SASRec, {dataset} ({' '.join([name, *changed])}), full ranking", fontsize=9)
+        ax.set_title(f"SASRec, {dataset}, full ranking\n{' '.join([name, *changed])}", fontsize=8)
         ax.set_ylabel("test NDCG@10 (full ranking)")
         ax.legend(fontsize=7)
     fig.tight_layout()
