@@ -43,7 +43,11 @@ def embeddings_uri(cfg: Config, version: str | None = None) -> str:
 
 def rat_input_embeddings_uri(cfg: Config) -> str:
     """What RAT reads: `rat.embeddings` is a version under the root, or a URI of its own."""
-    name = cfg.rat.embeddings
+    return version_or_uri(cfg, cfg.rat.embeddings)
+
+
+def version_or_uri(cfg: Config, name: str) -> str:
+    """A name of an embeddings version under the root, or a URI (or path) of its own, as given."""
     return name if ("://" in name or "/" in name) else embeddings_uri(cfg, name)
 
 
@@ -62,8 +66,7 @@ def report_uri(cfg: Config) -> str:
 
 def adapt_input_embeddings_uri(cfg: Config) -> str:
     """What adapt reads: `adapt.embeddings` (a version or a URI), else the current `embed.version`."""
-    name = cfg.adapt.embeddings or cfg.embed.version
-    return name if ("://" in name or "/" in name) else embeddings_uri(cfg, name)
+    return version_or_uri(cfg, cfg.adapt.embeddings or cfg.embed.version)
 
 
 def adapted_uri(cfg: Config, version: str | None = None) -> str:

@@ -36,10 +36,6 @@ class ItemPlacement:
         self.published = published.detach().float().contiguous()
         self.row = {item: k + 1 for k, item in enumerate(item_ids)}
 
-    @property
-    def dim(self) -> int:
-        return int(self.published.shape[1])
-
     @torch.no_grad()
     def vectors(self, item_ids: list[str], text_hashes: list[str], raw: np.ndarray) -> np.ndarray:
         """The recommender-space vector of each item, (n, hidden) float32."""
