@@ -4,6 +4,7 @@ under full ranking (the protocol a deployed recommender lives by) with the paper
     python bench/quality.py --quick        # ml-100k, SASRec, MiniLM, 1 seed, with SCFT: the 10-minute mode
     python bench/quality.py --jobs 2       # the full grid, 2 cells at a time, resumable (see below)
     python bench/quality.py --embed-only   # only SCFT and the embeddings of every dataset
+    python bench/quality.py --cold         # the cold-start split: cold-item figures beside the warm ones
 
 Every (setting, dataset, base model, backbone, variant, seed) cell is trained with `rat.fit` (early
 stopping on validation NDCG@10 under rat.eval.select_protocol, or a --cell-minutes budget); a setting names
@@ -51,7 +52,9 @@ from llmemb_dist.stages.embed.actor import EmbedActor
 from llmemb_dist.stages.rat.evaluate import GROUPS, PROTOCOLS
 from llmemb_dist.layout import dataset_uri
 from llmemb_dist.stages.prepare.driver import prepare
-from llmemb_dist.stages.rat.inputs import load_sequences
+from llmemb_dist.srs.placement import ItemPlacement
+from llmemb_dist.stages.rat.cold import COLD_GROUPS, TEXT_ONLY, cold_start_report
+from llmemb_dist.stages.rat.inputs import load_cold_split, load_sequences
 from llmemb_dist.stages.rat.trainer import fit
 from llmemb_dist.srs import build_model
 
@@ -184,9 +187,12 @@ def wanted(model: str, backbone: str, variant: str, first_model: str, scft_model
 
 
 def train_cell(cfg: Config, data, backbone: str, variant: str, llm: np.ndarray | None, srs: np.ndarray | None,
-               budget_s: float = 0.0):
+               budget_s: float = 0.0, split=None):
     """Trains one cell to early stopping, or until `budget_s` seconds (0 = none) have passed: the last epoch
-    that ends past the budget is the last one, and the cell records that it was cut."""
+    that ends past the budget is the last one, and the cell records that it was cut. With a cold-start
+    `split`, `data` is its warm part, `llm` covers the split's whole test index (warm items first), and the
+    cell records its cold-start figures too."""
+    llm_all, llm = llm, None if llm is None else llm[: data.num_items]
     item_repr = VARIANTS[variant][0]
     torch.manual_seed(cfg.rat.seed)  # the initial weights too depend on the seed alone
     model = build_model(cfg.rat, backbone, item_repr, data.num_items, llm, data.train_popularity())
@@ -202,6 +208,13 @@ def train_cell(cfg: Config, data, backbone: str, variant: str, llm: np.ndarray |
     summary = {"cut_by_time_budget": bool(cut), "test": result.test, "valid": result.valid, "best_epoch": result.best_epoch, "epochs": len(result.history),
                "seconds": time.perf_counter() - started,
                "epoch_seconds": statistics.median(h["train_seconds"] for h in result.history)}
+    if split is not None:
+        placement = None
+        if item_repr != "id":  # placed as the adapt stage places items nobody has interacted with
+            with torch.no_grad():
+                placement = ItemPlacement(model.items, {"item_repr": item_repr}, data.item_ids, [""] * data.num_items,
+                                          model.items.table())
+        summary["cold_start"] = cold_start_report(cfg.rat, split, {"model": (model, placement)}, llm_all)
     return model, summary
 
 
@@ -252,18 +265,21 @@ def run(args: argparse.Namespace, command: str) -> None:
             cfg = base_config(dataset, "minilm", setting, seed_args)
             prepare(cfg)
             data = load_sequences(cfg)
+            split = load_cold_split(cfg, data) if cfg.rat.cold.enabled else None
+            table_ids = split.item_ids if split else data.item_ids  # the LLM table's rows: every item ranked at test
+            data = split.warm if split else data
             if args.embed_only:  # datasets, SCFT and embeddings only: then trainers can run in parallel
                 for model_name in [m for m in args.models if in_budget(args, m, dataset)]:
                     for tuned in (False, True) if model_name in args.scft_models else (False,):
                         llm_table(base_config(dataset, model_name, setting, seed_args), dataset, model_name,
-                                  data.item_ids, tuned)
+                                  table_ids, tuned)
                 continue
             srs_path = srs_file(tag, dataset, seed)
             id_key = cell_key(tag, dataset, args.models[0], "sasrec", "id", seed)
             pending = pending_cells(args, cells, tag, dataset, seed)
             if needs_collaborative_run(args, pending, srs_path):
                 log.info("cell %s", id_key)
-                collab, summary = train_cell(cfg, data, "sasrec", "id", None, None, args.cell_minutes * 60)
+                collab, summary = train_cell(cfg, data, "sasrec", "id", None, None, args.cell_minutes * 60, split)
                 srs_path.parent.mkdir(parents=True, exist_ok=True)
                 np.save(srs_path, collab.items.table().detach().numpy())
                 save(id_key, summary)
@@ -272,10 +288,10 @@ def run(args: argparse.Namespace, command: str) -> None:
                 if key in cells:  # the baseline just trained above
                     continue
                 cfg = base_config(dataset, model_name, setting, seed_args + VARIANTS[variant][1])
-                llm = None if variant == "id" else llm_table(cfg, dataset, model_name, data.item_ids, VARIANTS[variant][2])
+                llm = None if variant == "id" else llm_table(cfg, dataset, model_name, table_ids, VARIANTS[variant][2])
                 srs = None if variant == "id" else np.load(srs_path)
                 log.info("cell %s", key)
-                save(key, train_cell(cfg, data, backbone, variant, llm, srs, args.cell_minutes * 60)[1])
+                save(key, train_cell(cfg, data, backbone, variant, llm, srs, args.cell_minutes * 60, split)[1])
     if cells:
         write_results(cells)
 
@@ -413,6 +429,12 @@ def aggregate(cells: dict) -> dict:
                   "commands": sorted({r["command"] for r in runs}),
                   "machines": sorted({r.get("machine", "not recorded") for r in runs}),
                   "code": sorted({r.get("code", "not recorded (before 5f54d24)") for r in runs})}
+        if all("cold_start" in r for r in runs):  # {"model" or "text-only": {group: {metric: mean over seeds}}}
+            out[k]["cold_start"] = {
+                source: {g: {"users": groups[g]["users"],
+                             **{m: float(np.mean([r["cold_start"][source][g][m] for r in runs])) for m in METRICS}}
+                         for g in COLD_GROUPS}
+                for source, groups in runs[0]["cold_start"].items()}
     return out
 
 
@@ -421,6 +443,7 @@ def aggregate(cells: dict) -> dict:
 SASREC_AIMS = (("overall", 1.10), ("head", 0.97), ("tail", 1.5))
 OTHER_BACKBONE_AIM = ("overall", 1.0)
 SCFT_AIM = 1.03  # SCFT over no SCFT, overall, on a dataset with several attributes per item
+COLD_AIM = 0.5  # an LLM variant's cold-item NDCG@10 over its own warm tail-item NDCG@10
 
 
 def ratio(agg: dict, key: tuple, base_key: tuple, group: str, protocol: str = "full") -> float | None:
@@ -469,6 +492,24 @@ def aim_rows(agg: dict, setting: str, dataset: str) -> list[str]:
     return lines
 
 
+def cold_start_rows(agg: dict, setting: str, dataset: str) -> list[str]:
+    """Cold-start figures of every cell of a cold-start setting, with the aim for the LLM variants."""
+    lines = []
+    for (s, d, model, backbone, variant), v in agg.items():
+        if (s, d) != (setting, dataset) or "cold_start" not in v:
+            continue
+        own = v["cold_start"]["model"]
+        text = v["cold_start"].get(TEXT_ONLY, {}).get("cold", {}).get("NDCG@10")
+        warm_tail, cold = own["warm tail"]["NDCG@10"], own["cold"]["NDCG@10"]
+        aim = "" if variant == "id" else (
+            f"{times(cold / warm_tail) if warm_tail else times(math.inf if cold else math.nan)} "
+            f"{'met' if warm_tail and cold / warm_tail >= COLD_AIM else 'NOT met'}")
+        lines.append(f"| {backbone} | {variant} ({model}) | {v['seeds']} | {own['warm']['NDCG@10']:.4f} | {warm_tail:.4f} | "
+                     f"{cold:.4f} | {own['cold']['HR@10']:.4f} | {own['cold']['users']} | {aim} | "
+                     f"{'' if text is None else f'{text:.4f}'} |")
+    return lines
+
+
 def write_results(cells: dict) -> None:
     agg = aggregate(cells)
     runs = json.loads(RUNS_FILE.read_text()) if RUNS_FILE.exists() else []
@@ -514,6 +555,17 @@ def write_results(cells: dict) -> None:
                   "selection), on this dataset:", "",
                   "| aim | target | measured | |", "|---|---|---|---|"]
         lines += aim_rows(agg, setting, dataset)
+        cold_rows = cold_start_rows(agg, setting, dataset)
+        if cold_rows:
+            lines += ["", "Cold start (`rat.cold`: items held out of every training and validation sequence; test users",
+                      "whose next item is cold are ranked over all items, under full ranking; a cold item's vector is what",
+                      "the adapt stage gives an item without interactions, for ID-only the untrained start of an ID",
+                      "vector). Aim: an LLM variant's cold NDCG@10 at least "
+                      f"{COLD_AIM}x its own warm tail-item NDCG@10. Text-only: cosine of the LLM vectors to the user's",
+                      "last item, over the same embeddings. The tables below it are the warm split's leave-one-out test.", "",
+                      "| backbone | variant | n | warm NDCG@10 | warm tail NDCG@10 | cold NDCG@10 | cold HR@10 | cold users | "
+                      "cold / warm tail | text-only cold NDCG@10 |", "|---|---|---|---|---|---|---|---|---|---|"]
+            lines += cold_rows
         lines += ["", "NDCG@10 relative to ID-only on the same backbone, full ranking (sampled in brackets):", "",
                   "| backbone | variant | overall | head | tail |", "|---|---|---|---|---|"]
         lines += ratio_rows(agg, setting, dataset)
@@ -582,6 +634,8 @@ def main() -> None:
     parser.add_argument("--cells", default="quality_cells.json",
                         help="cells file under bench/.cache this run writes (all quality_cells*.json are read)")
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides (key=value) for every cell")
+    parser.add_argument("--cold", action="store_true",
+                        help="the cold-start split (rat.cold.enabled=true): its own cells, with cold-item figures")
     parser.add_argument("--no-model-budget", action="store_true",
                         help="every base model on every dataset (MODEL_BUDGET limits the costlier ones' datasets)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -593,6 +647,7 @@ def main() -> None:
     args.backbones = args.backbones or (["sasrec"] if quick else ["sasrec", "bert4rec", "gru4rec"])
     args.variants = args.variants or (["id", "llmemb", "llm_gate"] if quick else list(VARIANTS))
     args.seeds = args.seeds or ([1] if quick else [1, 2, 3])
+    args.set += ["rat.cold.enabled=true"] if args.cold else []
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     command = os.environ.get("QUALITY_COMMAND") or "python bench/quality.py " + shlex.join(sys.argv[1:])

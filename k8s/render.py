@@ -1,12 +1,12 @@
 """Render the KubeRay manifests from one values file.
 
     python k8s/render.py scft | kubectl create -f -
-    python k8s/render.py embed | kubectl apply -f -
-    python k8s/render.py [--values k8s/values.yaml] {scft|rat|embed|embed-raycronjob|all}
+    python k8s/render.py refresh | kubectl apply -f -
+    python k8s/render.py [--values k8s/values.yaml] {prepare|scft|rat|refresh|refresh-raycronjob|all}
 
-The four Ray clusters (SCFT, RAT, the scheduled embedding and its RayCronJob twin)
-share one pod shape, so they are built here from one function instead of four
-copies of the same YAML that would drift apart.
+The Ray clusters (import, SCFT, RAT, the scheduled refresh and its RayCronJob twin)
+share one pod shape, so they are built here from one function instead of copies of
+the same YAML that would drift apart.
 """
 from __future__ import annotations
 
@@ -21,38 +21,42 @@ import yaml
 HERE = Path(__file__).resolve().parent
 GPU = "nvidia.com/gpu"
 RAY_UID, RAY_GID = 1000, 100  # user `ray` and group `users` of the rayproject/ray images
-# Placeholders of the embedding RayJob template that the CronJob pod fills at run time.
-VERSION_SLOT, PREVIOUS_SLOT = "@EMBED_VERSION@", "@INCREMENTAL_FROM@"
-STAGE_LABEL, VERSION_LABEL = "llmemb-stage", "llmemb-embed-version"
+# Placeholders of the refresh RayJob template that the CronJob pod fills at run time: the new version,
+# the embeddings version it re-embeds from, and the adapted version it adapts from (empty: every item).
+VERSION_SLOT, PREVIOUS_SLOT, ADAPT_FROM_SLOT = "@VERSION@", "@INCREMENTAL_FROM@", "@ADAPT_FROM@"
+STAGE_LABEL, VERSION_LABEL = "llmemb-stage", "llmemb-refresh-version"
 LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 
-# The CronJob pod: skip while an embedding RayJob is still running (concurrencyPolicy
-# only covers the CronJob's own short Job, not the RayJob it created), then re-embed
-# incrementally from the newest version that succeeded.
+# The CronJob pod: skip while a refresh RayJob is still running (concurrencyPolicy only
+# covers the CronJob's own short Job, not the RayJob it created), then refresh incrementally
+# from the newest refresh that succeeded: it published both an embeddings and an adapted
+# version of that name. Before the first success, re-embed from the baseline embeddings
+# version and adapt every item.
 SUBMIT_SCRIPT = f"""\
 set -eu
-active=$(kubectl get rayjobs -l {STAGE_LABEL}=embed \\
+active=$(kubectl get rayjobs -l {STAGE_LABEL}=refresh \\
   -o jsonpath='{{range .items[*]}}{{.metadata.name}}={{.status.jobDeploymentStatus}}{{"\\n"}}{{end}}' \\
   | grep -v -e '=Complete$' -e '=Failed$' -e '=ValidationFailed$' | grep -c . || true)
 if [ "$active" -gt 0 ]; then
-  echo "an embedding RayJob is still running; skipping this run"
+  echo "a refresh RayJob is still running; skipping this run"
   exit 0
 fi
-previous=$(kubectl get rayjobs -l {STAGE_LABEL}=embed --sort-by=.metadata.creationTimestamp \\
+previous=$(kubectl get rayjobs -l {STAGE_LABEL}=refresh --sort-by=.metadata.creationTimestamp \\
   -o jsonpath='{{range .items[?(@.status.jobStatus=="SUCCEEDED")]}}{{.metadata.labels.{VERSION_LABEL}}}{{"\\n"}}{{end}}' \\
   | tail -n 1)
+adapt_from=$previous
 previous=${{previous:-$BASELINE_VERSION}}
 version=$(date -u +%Y%m%d-%H%M)
-echo "embedding version $version incrementally from $previous"
-sed -e "s/{VERSION_SLOT}/$version/g" -e "s/{PREVIOUS_SLOT}/$previous/g" /template/rayjob.yaml \\
-  | kubectl create -f -
+echo "refresh $version: embeddings incrementally from '$previous', adapted from '$adapt_from'"
+sed -e "s/{VERSION_SLOT}/$version/g" -e "s/{PREVIOUS_SLOT}/$previous/g" -e "s/{ADAPT_FROM_SLOT}/$adapt_from/g" \\
+  /template/rayjob.yaml | kubectl create -f -
 """
 
 
 def load_values(path: Path = HERE / "values.yaml") -> dict[str, Any]:
     values = yaml.safe_load(Path(path).read_text())
-    if not LABEL_VALUE.match(values["embed"]["baseline_version"]):
-        raise ValueError(f"{path}: embed.baseline_version must be a valid label value (letters, digits, - _ .)")
+    if not LABEL_VALUE.match(values["refresh"]["baseline_version"]):
+        raise ValueError(f"{path}: refresh.baseline_version must be a valid label value (letters, digits, - _ .)")
     return values
 
 
@@ -178,36 +182,52 @@ def rat(v: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": _meta(v, "llmemb-rat", "rat"), "spec": spec}]
 
 
-def _embed_spec(v: dict[str, Any], version: str, previous: str) -> dict[str, Any]:
-    e = v["embed"]
-    command = entrypoint(v, "embed", f"embed.version={version}", f"embed.incremental_from={previous}",
-                         f"embed.num_actors={_total_gpus(e)}", "embed.gpus_per_actor=1")
-    return rayjob_spec(v, e, command, deadline_hours=6, retries=1)
+def prepare(v: dict[str, Any]) -> list[dict[str, Any]]:
+    """The import of the dataset the config names (dataset.source), the one SCFT and RAT train on."""
+    spec = rayjob_spec(v, v["prepare"], entrypoint(v, "prepare"), deadline_hours=6, retries=1)
+    return [{"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": _meta(v, "llmemb-prepare", "prepare"), "spec": spec}]
 
 
-def embed_rayjob_template(v: dict[str, Any]) -> dict[str, Any]:
-    """The RayJob each scheduled run creates; the CronJob pod fills the two version slots."""
-    meta = _meta(v, "llmemb-embed-", "embed", generate=True)
+def refresh_command(v: dict[str, Any], version: str, previous: str, adapt_from: str) -> str:
+    """The daily chain as one entrypoint: import the day's catalog, re-embed it incrementally from
+    `previous`, adapt it incrementally from `adapt_from`. Each step publishes or skips what is already
+    published, so a retried RayJob picks up where the failed one stopped."""
+    r = v["refresh"]
+    dataset = f"dataset.name={r['dataset_prefix']}-{version}"
+    # One embedding actor per GPU; a cluster without GPUs (a small catalog) keeps the config's CPU actors.
+    actors = [f"embed.num_actors={_total_gpus(r)}", "embed.gpus_per_actor=1"] if _total_gpus(r) else []
+    return " && ".join([
+        entrypoint(v, "prepare", dataset, f"dataset.source={r['source']}"),
+        entrypoint(v, "embed", dataset, f"embed.version={version}", f"embed.incremental_from={previous}", *actors),
+        entrypoint(v, "adapt", f"adapt.embeddings={version}", f"adapt.version={version}",
+                   f"adapt.incremental_from={adapt_from}"),
+    ])
+
+
+def refresh_rayjob_template(v: dict[str, Any]) -> dict[str, Any]:
+    """The RayJob each scheduled run creates; the CronJob pod fills the three version slots."""
+    meta = _meta(v, "llmemb-refresh-", "refresh", generate=True)
     meta["labels"][VERSION_LABEL] = VERSION_SLOT
+    command = refresh_command(v, VERSION_SLOT, PREVIOUS_SLOT, ADAPT_FROM_SLOT)
     return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": meta,
-            "spec": _embed_spec(v, VERSION_SLOT, PREVIOUS_SLOT)}
+            "spec": rayjob_spec(v, v["refresh"], command, deadline_hours=6, retries=1)}
 
 
-def embed(v: dict[str, Any]) -> list[dict[str, Any]]:
-    name, ns = "llmemb-embed-scheduler", v["namespace"]
-    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(v, name, "embed-scheduler")}
+def refresh(v: dict[str, Any]) -> list[dict[str, Any]]:
+    name, ns = "llmemb-refresh-scheduler", v["namespace"]
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(v, name, "refresh-scheduler")}
     role = {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(v, name, "embed-scheduler"),
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(v, name, "refresh-scheduler"),
         "rules": [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list", "watch"]}],
     }
     binding = {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(v, name, "embed-scheduler"),
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(v, name, "refresh-scheduler"),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
     }
     template = {
-        "apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(v, "llmemb-embed-rayjob", "embed-scheduler"),
-        "data": {"rayjob.yaml": dump([embed_rayjob_template(v)]), "submit.sh": SUBMIT_SCRIPT},
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(v, "llmemb-refresh-rayjob", "refresh-scheduler"),
+        "data": {"rayjob.yaml": dump([refresh_rayjob_template(v)]), "submit.sh": SUBMIT_SCRIPT},
     }
     pod = {
         "serviceAccountName": name,
@@ -217,19 +237,19 @@ def embed(v: dict[str, Any]) -> list[dict[str, Any]]:
             "name": "submit",
             "image": v["kubectl_image"],
             "command": ["/bin/sh", "/template/submit.sh"],
-            "env": [{"name": "BASELINE_VERSION", "value": v["embed"]["baseline_version"]},
+            "env": [{"name": "BASELINE_VERSION", "value": v["refresh"]["baseline_version"]},
                     {"name": "HOME", "value": "/tmp"}],  # kubectl writes its discovery cache under $HOME
             "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "500m", "memory": "256Mi"}},
             "securityContext": CONTAINER_SECURITY,
             "volumeMounts": [{"name": "template", "mountPath": "/template", "readOnly": True}],
         }],
-        "volumes": [{"name": "template", "configMap": {"name": "llmemb-embed-rayjob"}}],
+        "volumes": [{"name": "template", "configMap": {"name": "llmemb-refresh-rayjob"}}],
     }
     cron = {
-        "apiVersion": "batch/v1", "kind": "CronJob", "metadata": _meta(v, "llmemb-embed", "embed-scheduler"),
+        "apiVersion": "batch/v1", "kind": "CronJob", "metadata": _meta(v, "llmemb-refresh", "refresh-scheduler"),
         "spec": {
-            "schedule": v["embed"]["schedule"],
-            "timeZone": v["embed"]["time_zone"],
+            "schedule": v["refresh"]["schedule"],
+            "timeZone": v["refresh"]["time_zone"],
             "concurrencyPolicy": "Forbid",
             "startingDeadlineSeconds": 3600,
             "successfulJobsHistoryLimit": 3,
@@ -240,25 +260,26 @@ def embed(v: dict[str, Any]) -> list[dict[str, Any]]:
     return [account, role, binding, template, cron]
 
 
-def embed_raycronjob(v: dict[str, Any]) -> list[dict[str, Any]]:
+def refresh_raycronjob(v: dict[str, Any]) -> list[dict[str, Any]]:
     """The same schedule for clusters that enable KubeRay's alpha `RayCronJob` feature gate.
 
     Its template is static, so it cannot look up the previous run: every run re-embeds
-    incrementally from the baseline version (the whole catalog when that is empty), and
-    takes its version name from the date in the shell that runs the entrypoint.
+    incrementally from the baseline version (the whole catalog when that is empty) and adapts
+    every item, and takes its version name from the date in the shell that runs the entrypoint.
     """
-    e = v["embed"]
+    r = v["refresh"]
+    command = "version=cron-$(date -u +%Y%m%d-%H%M) && " + refresh_command(v, "$version", r["baseline_version"], "")
     return [{
-        "apiVersion": "ray.io/v1", "kind": "RayCronJob", "metadata": _meta(v, "llmemb-embed", "embed-scheduler"),
+        "apiVersion": "ray.io/v1", "kind": "RayCronJob", "metadata": _meta(v, "llmemb-refresh", "refresh-scheduler"),
         "spec": {
-            "schedule": e["schedule"],
-            "timeZone": e["time_zone"],
-            "jobTemplate": _embed_spec(v, "cron-$(date -u +%Y%m%d-%H%M)", e["baseline_version"]),
+            "schedule": r["schedule"],
+            "timeZone": r["time_zone"],
+            "jobTemplate": rayjob_spec(v, r, command, deadline_hours=6, retries=1),
         },
     }]
 
 
-TARGETS = {"scft": scft, "rat": rat, "embed": embed, "embed-raycronjob": embed_raycronjob}
+TARGETS = {"prepare": prepare, "scft": scft, "rat": rat, "refresh": refresh, "refresh-raycronjob": refresh_raycronjob}
 
 
 def render(target: str, values: dict[str, Any]) -> list[dict[str, Any]]:

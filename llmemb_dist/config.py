@@ -138,6 +138,16 @@ class EvalConfig:
 
 
 @dataclass
+class ColdStartConfig:
+    # Hold cold items out of every training and validation sequence and score test users whose next
+    # item is cold under full ranking over all items (data/cold.py, stages/rat/cold.py).
+    enabled: bool = False
+    fraction: float = bounded(0.1, low=0.0, high=1.0, low_open=True, high_open=True)  # of the active items, seeded
+    first_seen_after: float = bounded(0.0, low=0.0)  # > 0: the items first seen after this timestamp are cold instead
+    seed: int = 0
+
+
+@dataclass
 class RatConfig:
     run: str = "default"
     embeddings: str = "default"  # an embeddings version under <root>/embeddings, or a URI
@@ -168,6 +178,7 @@ class RatConfig:
     cpus_per_worker: float = bounded(1.0, low=0.0, low_open=True)
     seed: int = 42
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cold: ColdStartConfig = field(default_factory=ColdStartConfig)
 
 
 @dataclass

@@ -58,11 +58,27 @@ def kuberay_validator(kind: str) -> jsonschema.Validator:
     return jsonschema.Draft202012Validator(schema)
 
 
-def embed_template(docs: list[dict[str, Any]], version: str, previous: str) -> dict[str, Any]:
-    """The RayJob the CronJob pod creates, filled as its script fills it (sed on the two slots)."""
-    (configmap,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "llmemb-embed-rayjob"]
+def refresh_template(docs: list[dict[str, Any]], version: str, previous: str, adapt_from: str) -> dict[str, Any]:
+    """The RayJob the CronJob pod creates, filled as its script fills it (sed on the three slots)."""
+    (configmap,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "llmemb-refresh-rayjob"]
     text = configmap["data"]["rayjob.yaml"]
-    return yaml.safe_load(text.replace(render.VERSION_SLOT, version).replace(render.PREVIOUS_SLOT, previous))
+    for slot, value in ((render.VERSION_SLOT, version), (render.PREVIOUS_SLOT, previous), (render.ADAPT_FROM_SLOT, adapt_from)):
+        text = text.replace(slot, value)
+    return yaml.safe_load(text)
+
+
+def commands(entrypoint: str) -> list[list[str]]:
+    """The argv of each command of an entrypoint, as its shell would run them: `a && b`, a `version=...`
+    assignment and `$(date ...)` stand in values of the same shape."""
+    variables = {}
+    out = []
+    for part in re.sub(r"\$\([^)]*\)", "20260101-0300", entrypoint).split(" && "):
+        assignment = re.fullmatch(r"(\w+)=(\S*)", part)
+        if assignment:
+            variables[assignment[1]] = assignment[2]
+            continue
+        out.append(shlex.split(re.sub(r"\$(\w+)", lambda m: variables[m[1]], part)))
+    return out
 
 
 def rayjob_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -72,7 +88,7 @@ def rayjob_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, An
             yield doc["metadata"]["name"], doc["spec"]
         elif doc["kind"] == "RayCronJob":
             yield "raycronjob", doc["spec"]["jobTemplate"]
-    yield "cronjob-template", embed_template(docs, "20260101-0300", "20251231-0300")["spec"]
+    yield "cronjob-template", refresh_template(docs, "20260101-0300", "20251231-0300", "20251231-0300")["spec"]
 
 
 def pod_specs(docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -98,12 +114,19 @@ def test_kuberay_objects_validate_strictly(doc):
     kuberay_validator(doc["kind"]).validate(doc)
 
 
-def test_cronjob_rayjob_template_renders_to_a_valid_rayjob():
-    job = embed_template(DOCS, "20260101-0300", "v1")
+def test_cronjob_rayjob_template_renders_to_a_valid_rayjob_that_imports_embeds_and_adapts():
+    job = refresh_template(DOCS, "20260101-0300", "v1", "")
     kuberay_validator("RayJob").validate(job)
-    assert job["metadata"]["generateName"] == "llmemb-embed-"
+    assert job["metadata"]["generateName"] == "llmemb-refresh-"
     assert job["metadata"]["labels"][render.VERSION_LABEL] == "20260101-0300"
-    assert "embed.version=20260101-0300 embed.incremental_from=v1" in job["spec"]["entrypoint"]
+    steps = commands(job["spec"]["entrypoint"])
+    assert [argv[1] for argv in steps] == ["launch/prepare.py", "launch/embed.py", "launch/adapt.py"]
+    prepared, embedded, adapted = (load_config(REPO / argv[2], argv[3:]) for argv in steps)
+    day = f"{VALUES['refresh']['dataset_prefix']}-20260101-0300"
+    assert prepared.dataset.name == embedded.dataset.name == day  # embed reads what the import published
+    assert prepared.dataset.source == VALUES["refresh"]["source"]
+    assert (embedded.embed.version, embedded.embed.incremental_from) == ("20260101-0300", "v1")
+    assert (adapted.adapt.embeddings, adapted.adapt.version, adapted.adapt.incremental_from) == ("20260101-0300",) * 2 + ("",)
 
 
 @pytest.mark.parametrize("doc", [d for d in DOCS if d["kind"] not in KUBERAY_SCHEMAS],
@@ -113,7 +136,7 @@ def test_native_objects_validate_strictly(doc):
 
 
 def test_scheduler_runs_one_at_a_time_with_just_the_rights_it_needs():
-    by_kind = {d["kind"]: d for d in DOCS if d["metadata"]["labels"]["llmemb-stage"] == "embed-scheduler"}
+    by_kind = {d["kind"]: d for d in DOCS if d["metadata"]["labels"]["llmemb-stage"] == "refresh-scheduler"}
     assert by_kind["CronJob"]["spec"]["concurrencyPolicy"] == "Forbid"
     assert by_kind["CronJob"]["spec"]["schedule"] == by_kind["RayCronJob"]["spec"]["schedule"]
     (rule,) = by_kind["Role"]["rules"]
@@ -125,23 +148,25 @@ def test_scheduler_runs_one_at_a_time_with_just_the_rights_it_needs():
 
 @pytest.mark.parametrize("name,spec", list(rayjob_specs(DOCS)), ids=[n for n, _ in rayjob_specs(DOCS)])
 def test_entrypoints_name_a_launch_script_and_a_config_that_loads(name, spec):
-    # A shell expands $(date ...) when the job starts; stand in a value of the same shape.
-    argv = shlex.split(re.sub(r"\$\([^)]*\)", "20260101-0300", spec["entrypoint"]))
-    assert argv[0] == "python"
-    script, config, overrides = argv[1], argv[2], argv[3:]
-    assert re.fullmatch(r"launch/\w+\.py", script) and (REPO / script).is_file(), f"{name}: no {script}"
-    assert (REPO / config).is_file(), f"{name}: no {config}"
-    cfg = load_config(REPO / config, overrides)
-    assert cfg.root == f"s3://{VALUES['bucket']}/{VALUES['prefix']}"
-    stage = script.removeprefix("launch/").removesuffix(".py")
-    gpus = VALUES[stage]["workers"] * VALUES[stage]["gpus_per_worker"]
-    if stage == "rat":
-        assert cfg.rat.num_workers == VALUES["rat"]["workers"] * max(VALUES["rat"]["gpus_per_worker"], 1)
-    if stage == "scft":
-        assert cfg.scft.zero_stage == 3 and cfg.scft.use_gpu and cfg.scft.num_workers == gpus
-    if stage == "embed":
-        previous = "20251231-0300" if name == "cronjob-template" else VALUES["embed"]["baseline_version"]
-        assert cfg.embed.incremental_from == previous and cfg.embed.num_actors == gpus
+    for argv in commands(spec["entrypoint"]):
+        assert argv[0] == "python"
+        script, config, overrides = argv[1], argv[2], argv[3:]
+        assert re.fullmatch(r"launch/\w+\.py", script) and (REPO / script).is_file(), f"{name}: no {script}"
+        assert (REPO / config).is_file(), f"{name}: no {config}"
+        cfg = load_config(REPO / config, overrides)
+        assert cfg.root == f"s3://{VALUES['bucket']}/{VALUES['prefix']}"
+        stage = script.removeprefix("launch/").removesuffix(".py")
+        if stage == "rat":
+            assert cfg.rat.num_workers == VALUES["rat"]["workers"] * max(VALUES["rat"]["gpus_per_worker"], 1)
+        if stage == "scft":
+            assert cfg.scft.zero_stage == 3 and cfg.scft.use_gpu
+            assert cfg.scft.num_workers == VALUES["scft"]["workers"] * VALUES["scft"]["gpus_per_worker"]
+        if stage == "embed":
+            previous = "20251231-0300" if name == "cronjob-template" else VALUES["refresh"]["baseline_version"]
+            assert cfg.embed.incremental_from == previous
+            assert cfg.embed.num_actors == VALUES["refresh"]["workers"] * VALUES["refresh"]["gpus_per_worker"]
+        if stage == "adapt":
+            assert cfg.adapt.incremental_from == ("20251231-0300" if name == "cronjob-template" else "")
 
 
 def test_gpu_pods_request_what_they_limit_run_non_root_and_have_shared_memory():
@@ -154,7 +179,8 @@ def test_gpu_pods_request_what_they_limit_run_non_root_and_have_shared_memory():
                 assert resources["requests"] == resources["limits"]
                 shm = {m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"}
                 assert [v for v in pod["volumes"] if v["name"] in shm][0]["emptyDir"]["medium"] == "Memory"
-    scft_workers = DOCS[0]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    (scft,) = render.scft(VALUES)
+    scft_workers = scft["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert scft_workers["replicas"] == VALUES["scft"]["workers"]
     assert scft_workers["template"]["spec"]["containers"][0]["resources"]["limits"][render.GPU] == str(
         VALUES["scft"]["gpus_per_worker"])

@@ -24,7 +24,8 @@ from llmemb_dist.data.embeddings import embeddings_table
 from llmemb_dist.srs import SeqRecommender
 from llmemb_dist.srs.placement import ItemPlacement
 from llmemb_dist.stages.rat import report
-from llmemb_dist.stages.rat.inputs import catalog_text_hashes, load_llm_table, load_sequences
+from llmemb_dist.stages.rat.cold import cold_start_report
+from llmemb_dist.stages.rat.inputs import catalog_text_hashes, load_cold_split, load_llm_table, load_sequences
 from llmemb_dist.stages.rat.worker import train_variant
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,15 @@ def rat(cfg: Config) -> str:
                                  hint="choose another rat.run"):
         return out_uri
     data = load_sequences(cfg)
+    # With a cold-start split RAT trains on the warm items only, and the cold ones are scored as new items.
+    split = load_cold_split(cfg, data) if rcfg.cold.enabled else None
+    if split is not None:
+        data = split.warm
     log.info("%d users (%d dropped with < 3 events), %d items", len(data.seqs), data.dropped_users, data.num_items)
-    llm = None
+    llm = llm_all = None
     if uses_llm:
-        llm = load_llm_table(emb_uri, data.item_ids, rcfg.embedding_dim)
+        llm_all = load_llm_table(emb_uri, split.item_ids if split else data.item_ids, rcfg.embedding_dim)
+        llm = llm_all[: data.num_items]
     init_ray(cfg.ray)
     # The collaborative SASRec is the ID-only baseline too: trained once, used twice.
     baseline, baseline_final = train_variant(cfg, data, rcfg.backbone, "id")
@@ -92,6 +98,9 @@ def rat(cfg: Config) -> str:
                "users": len(data.seqs), "items": data.num_items, "variants": variants}
     hashes = catalog_text_hashes(cfg, data.item_ids)
     placement = item_placement(model, rcfg, data.item_ids, hashes, llm, emb_uri)
+    if split is not None:
+        metrics["cold_start"] = cold_start_report(rcfg, split, {baseline_name: (baseline, None), main: (model, placement)},
+                                                  llm_all)
     model_config = {"backbone": rcfg.backbone, "item_repr": rcfg.item_repr, "num_items": data.num_items,
                     "hidden": rcfg.hidden, "layers": rcfg.layers, "heads": rcfg.heads, "max_len": rcfg.max_len,
                     "adapter_hidden": rcfg.adapter_hidden, "llm_dim": None if llm is None else int(llm.shape[1]),
@@ -113,6 +122,8 @@ def rat(cfg: Config) -> str:
         pub.info["metrics"] = comparison_rows(metrics)
         pub.info["embeddings_input"] = emb_uri
     log.info("published %s\n%s", out_uri, report.comparison_markdown(comparison_rows(metrics)))
+    if split is not None:
+        log.info("cold start, test, full ranking:\n%s", report.cold_start_markdown(metrics["cold_start"]))
     return out_uri
 
 

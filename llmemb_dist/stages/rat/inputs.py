@@ -8,7 +8,8 @@ import pyarrow as pa
 
 from llmemb_dist import layout, storage
 from llmemb_dist.config import Config
-from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH
+from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH, TIMESTAMP
+from llmemb_dist.data.cold import ColdSplit, choose_cold, cold_split
 from llmemb_dist.data.sequences import Sequences, build_sequences
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,21 @@ def load_sequences(cfg: Config) -> Sequences:
     seen = set(interactions.column(ITEM_ID).unique().to_pylist())
     active = [item for item in storage.read_table(uri, "catalog").column(ITEM_ID).to_pylist() if item in seen]
     return build_sequences(interactions, active, f"{uri}/interactions")
+
+
+def load_cold_split(cfg: Config, data: Sequences) -> ColdSplit:
+    """`data` with the cold items of `rat.cold` held out: a seeded fraction, or those first seen after a time."""
+    cold = cfg.rat.cold
+    first_seen = None
+    if cold.first_seen_after > 0:
+        interactions = storage.read_table(layout.dataset_uri(cfg), "interactions").select([ITEM_ID, TIMESTAMP])
+        first = interactions.group_by(ITEM_ID).aggregate([(TIMESTAMP, "min")]).to_pydict()
+        when = dict(zip(first[ITEM_ID], first[f"{TIMESTAMP}_min"]))
+        first_seen = np.array([0.0] + [float(when[item]) for item in data.item_ids])
+    split = cold_split(data, choose_cold(data, cold.fraction, cold.seed, first_seen, cold.first_seen_after))
+    log.info("cold-start split: %d warm and %d cold items; %d of %d test users have a cold next item",
+             split.num_warm, len(split.item_ids) - split.num_warm, int(split.cold_target.sum()), len(split.test_targets))
+    return split
 
 
 def catalog_text_hashes(cfg: Config, item_ids: list[str]) -> list[str]:

@@ -36,6 +36,19 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def cold_start_markdown(cold_start: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Models by rows, NDCG@10 and HR@10 of each cold-start group (stages/rat/cold.py) by columns."""
+    rows = []
+    for model, groups in cold_start.items():
+        row: dict[str, Any] = {"model": model}
+        for group, values in groups.items():
+            row[f"{group} NDCG@10"] = values["NDCG@10"]
+            row[f"{group} HR@10"] = values["HR@10"]
+        row["cold users"] = groups["cold"]["users"]
+        rows.append(row)
+    return comparison_markdown(rows)
+
+
 def plot_head_tail(metrics: dict[str, Any], path: Path, metric: str = "NDCG@10") -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     variants = list(metrics["variants"])
@@ -73,4 +86,9 @@ def write_report(metrics: dict[str, Any], out_dir: Path) -> None:
     for variant, summary in metrics["variants"].items():
         lines.append(f"- {variant}: best epoch {summary['best_epoch']} of {summary['epochs']}")
     lines += ["", metrics_markdown(metrics), "![head and tail](head_tail.png)", "", "![validation](valid_curve.png)", ""]
+    if "cold_start" in metrics:
+        lines += ["## Cold start: test, full ranking over warm and cold items\n",
+                  "Cold items were held out of training and validation; their vectors are the adapt stage's "
+                  "for items without interactions (ID-only: the untrained start of an ID vector).\n",
+                  cold_start_markdown(metrics["cold_start"]), ""]
     (out_dir / "report.md").write_text("\n".join(lines))
