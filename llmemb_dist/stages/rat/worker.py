@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,11 +16,10 @@ from llmemb_dist.config import Config, RatConfig
 from llmemb_dist.data.sequences import Sequences
 from llmemb_dist.distributed import ray_train
 from llmemb_dist.srs import SeqRecommender, build_model
+from llmemb_dist.stages.rat.state import load_state, save_state
 from llmemb_dist.stages.rat.trainer import fit
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "state.pt"
 
 
 def train_worker(config: dict) -> None:
@@ -34,7 +32,7 @@ def train_worker(config: dict) -> None:
     state = None
     with ray_train.restored_checkpoint() as folder:
         if folder is not None:
-            state = torch.load(folder / STATE_FILE, weights_only=False)
+            state = load_state(folder)
     if state is not None:
         if state.get("done"):
             done = {"epoch": state["epoch"], "done": True}
@@ -49,7 +47,7 @@ def train_worker(config: dict) -> None:
             ray_train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            torch.save(st, Path(d) / STATE_FILE)
+            save_state(st, d)
             ray_train.report(metrics, d)
 
     data: Sequences = config["data"]
@@ -75,7 +73,7 @@ def train_variant(cfg: Config, data: Sequences, backbone: str, item_repr: str, *
         num_workers=rcfg.num_workers, cpus_per_worker=rcfg.cpus_per_worker,
     )
     with ray_train.result_checkpoint(result, f"RAT training of {variant}") as folder:
-        final = torch.load(folder / STATE_FILE, weights_only=False)
+        final = load_state(folder)
     model = build_model(rcfg, backbone, item_repr, data.num_items, llm)
     model.load_state_dict(final["best_state"])
     model.eval()

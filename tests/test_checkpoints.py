@@ -1,0 +1,96 @@
+"""Checkpoints hold tensors as safetensors and the rest as JSON: they round-trip exactly, and a pickle
+payload planted where a checkpoint is read never runs."""
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmemb_dist import storage
+from llmemb_dist.config import load_config
+from llmemb_dist.srs import build_model
+from llmemb_dist.stages.prepare.driver import prepare
+from llmemb_dist.stages.rat.inputs import load_sequences
+from llmemb_dist.stages.rat.state import load_state, save_state
+from llmemb_dist.stages.rat.worker import train_variant
+
+from conftest import start_local_ray
+
+
+class Payload:
+    """Unpickling this creates `marker`: the stand-in for code an attacker would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def plant(folder: Path, marker: Path) -> None:
+    (folder / "state.pt").write_bytes(pickle.dumps(Payload(marker)))
+
+
+def test_rat_state_round_trips_exactly_and_training_continues_bit_for_bit(tmp_path):
+    cfg = load_config(None, ["rat.hidden=8", "rat.adapter_hidden=12", "rat.max_len=5", "rat.item_repr=llm_gate"])
+    torch.manual_seed(0)
+    model = build_model(cfg.rat, "sasrec", "llm_gate", 20, np.random.default_rng(0).normal(size=(20, 16)), np.arange(21))
+    model.eval()  # no dropout: the two continuations must draw nothing at random
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+
+    def step() -> None:
+        loss = model.user_repr(torch.tensor([[1, 2, 3], [0, 4, 5]])).square().sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()
+    state = {"epoch": 1, "best_score": float("nan"), "history": [{"epoch": 1, "loss": 0.5}], "valid": {"full": {}},
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "done": False}
+    save_state(state, tmp_path)
+    loaded = load_state(tmp_path)
+    assert loaded["epoch"] == 1 and loaded["history"] == state["history"] and np.isnan(loaded["best_score"])
+    assert all(torch.equal(loaded["model"][k], v) for k, v in state["model"].items())
+    step()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])  # Adam's per-parameter state has integer keys
+    step()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_a_planted_pickle_is_never_loaded(tmp_path):
+    marker = tmp_path / "payload-ran"
+    old = tmp_path / "old"
+    old.mkdir()
+    plant(old, marker)  # a checkpoint in the old pickled form only: refused, not loaded
+    with pytest.raises(storage.DataError, match="not a RAT checkpoint of this version"):
+        load_state(old)
+    good = tmp_path / "good"
+    good.mkdir()
+    save_state({"epoch": 2, "weights": torch.ones(3)}, good)
+    plant(good, marker)  # beside a real checkpoint: ignored
+    assert load_state(good)["epoch"] == 2
+    (good / "state.json").write_text("{not json")
+    with pytest.raises(storage.DataError, match="unreadable RAT checkpoint"):
+        load_state(good)
+    assert not marker.exists()
+
+
+def test_rat_reads_its_checkpoints_and_a_payload_planted_in_them_never_runs(tmp_path, s3_server):
+    start_local_ray()
+    settings = [f"root={tmp_path / 'runs'}", "dataset.max_items=60", "rat.max_len=20", "rat.hidden=16", "rat.patience=5"]
+    cfg = load_config(None, settings + ["rat.epochs=2"])
+    prepare(cfg)
+    data = load_sequences(cfg)
+    _, first = train_variant(cfg, data, "sasrec", "id")
+    marker = tmp_path / "payload-ran"
+    checkpoints = [p for p in (tmp_path / "runs" / "rat").rglob("checkpoint_*") if p.is_dir()]
+    assert checkpoints
+    for folder in checkpoints:
+        plant(folder, marker)
+    # The same run again: Ray Train hands the worker the latest checkpoint, finished, which is reused as it is.
+    model, again = train_variant(cfg, data, "sasrec", "id")
+    assert again["history"] == first["history"] and again["best_epoch"] == first["best_epoch"]
+    assert not marker.exists()
