@@ -187,3 +187,13 @@ def ray_multinode(s3_server, tmp_path):
         ray.shutdown()
         cluster.shutdown()
         _ray_started["kind"] = None
+
+
+class Payload:
+    """Unpickling this creates `marker`: the stand-in for code an attacker would plant in a checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")

@@ -9,23 +9,16 @@ import torch
 
 from llmemb_dist import storage
 from llmemb_dist.config import load_config
+from llmemb_dist.distributed.engine import (
+    CHECKPOINT_TAG, DIGESTS, KEY_ENV, CheckpointTampered, verify_checkpoint, write_digests,
+)
 from llmemb_dist.srs import build_model
 from llmemb_dist.stages.prepare.driver import prepare
 from llmemb_dist.stages.rat.inputs import load_sequences
 from llmemb_dist.stages.rat.state import load_state, save_state
 from llmemb_dist.stages.rat.worker import train_variant
 
-from conftest import start_local_ray
-
-
-class Payload:
-    """Unpickling this creates `marker`: the stand-in for code an attacker would run."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
+from conftest import Payload, start_local_ray
 
 
 def plant(folder: Path, marker: Path) -> None:
@@ -93,4 +86,59 @@ def test_rat_reads_its_checkpoints_and_a_payload_planted_in_them_never_runs(tmp_
     # The same run again: Ray Train hands the worker the latest checkpoint, finished, which is reused as it is.
     model, again = train_variant(cfg, data, "sasrec", "id")
     assert again["history"] == first["history"] and again["best_epoch"] == first["best_epoch"]
+    assert not marker.exists()
+
+
+def deepspeed_like_checkpoint(folder: Path, rank_files: dict[int, list[str]]) -> None:
+    for rank, names in rank_files.items():
+        for name in names:
+            path = folder / CHECKPOINT_TAG / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"rank": rank, "weights": torch.ones(2)}, path)
+        write_digests_of(folder, rank, names)
+
+
+def write_digests_of(folder: Path, rank: int, names: list[str]) -> None:
+    """What a rank's own folder held when it saved: only its files (the ranks' folders merge on upload)."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as own:
+        for name in names:
+            (Path(own) / CHECKPOINT_TAG).mkdir(exist_ok=True)
+            shutil.copy(folder / CHECKPOINT_TAG / name, Path(own) / CHECKPOINT_TAG / name)
+        write_digests(own, rank)
+        shutil.copy(Path(own) / DIGESTS.format(rank=rank), folder / DIGESTS.format(rank=rank))
+
+
+def test_deepspeed_checkpoints_are_verified_before_anything_is_unpickled(tmp_path, monkeypatch):
+    marker = tmp_path / "payload-ran"
+    files = {0: ["mp_rank_00_model_states.pt", "zero_pp_rank_0_optim_states.pt"], 1: ["zero_pp_rank_1_optim_states.pt"]}
+    folder = tmp_path / "ckpt"
+    deepspeed_like_checkpoint(folder, files)
+    verify_checkpoint(folder)  # every rank's files, each vouched for by its own record
+
+    replaced = folder / CHECKPOINT_TAG / "zero_pp_rank_1_optim_states.pt"
+    original = replaced.read_bytes()
+    replaced.write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(CheckpointTampered, match="differs from the digests"):
+        verify_checkpoint(folder)
+    replaced.write_bytes(original)
+    plant(folder / CHECKPOINT_TAG, marker)
+    with pytest.raises(CheckpointTampered, match="is not in the digests"):
+        verify_checkpoint(folder)
+    (folder / CHECKPOINT_TAG / "state.pt").unlink()
+
+    # With a key, a record rewritten by someone without it is refused too.
+    monkeypatch.setenv(KEY_ENV, "secret")
+    signed = tmp_path / "signed"
+    deepspeed_like_checkpoint(signed, files)
+    verify_checkpoint(signed)
+    replaced = signed / CHECKPOINT_TAG / "mp_rank_00_model_states.pt"
+    replaced.write_bytes(pickle.dumps(Payload(marker)))
+    monkeypatch.delenv(KEY_ENV)
+    write_digests_of(signed, 0, files[0])  # the forger re-digests the files, but has no key
+    monkeypatch.setenv(KEY_ENV, "secret")
+    with pytest.raises(CheckpointTampered, match="signature does not match"):
+        verify_checkpoint(signed)
     assert not marker.exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from llmemb_dist.distributed.engine import CHECKPOINT_TAG, consolidated_checkpoi
 from llmemb_dist.stages.prepare.driver import prepare
 from llmemb_dist.layout import adapter_uri, scft_run_uri
 from llmemb_dist.stages.scft.driver import scft
+
+from conftest import Payload
 
 
 def scft_config(root: str, model: Path, *extra: str):
@@ -69,6 +72,18 @@ def test_zero3_resumes_after_driver_restart_and_saves_the_engine_weights(ray_loc
     with pytest.raises(Exception, match="injected failure"):
         scft(cfg)  # the driver gives up: no retries left
     assert not storage.is_published(adapter_uri(cfg))
+
+    # A pickle planted in the checkpoint (as anyone who can write the bucket could) is refused unread.
+    step4 = storage.join(scft_run_uri(cfg), "checkpoints", "step_00000004")
+    local = storage.download_dir(step4, tmp_path / "step4")
+    shard = sorted((local / CHECKPOINT_TAG).glob("*.pt"))[0]
+    marker = tmp_path / "payload-ran"
+    storage.write_bytes(storage.join(step4, CHECKPOINT_TAG, shard.name), pickle.dumps(Payload(marker)))
+    with pytest.raises(Exception, match="differs from the digests"):
+        scft(cfg)
+    assert not marker.exists() and not storage.is_published(adapter_uri(cfg))
+    storage.write_bytes(storage.join(step4, CHECKPOINT_TAG, shard.name), shard.read_bytes())
+
     scft(cfg)  # a new driver, same run name: resumes from the step-4 checkpoint
 
     metrics = published_metrics(cfg)

@@ -131,13 +131,83 @@ def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
         return {n: p.detach().float().cpu().clone() for n, p in named}
 
 
+# DeepSpeed writes its checkpoints with torch.save and reads them with torch.load(weights_only=False),
+# which runs whatever a pickle asks for; the checkpoints live where Ray Train puts them, not behind a
+# manifest. So every rank records the SHA-256 of each file it wrote, signed with LLMEMB_CHECKPOINT_KEY
+# when that is set (then nobody without the key can forge a record), and nothing is handed to
+# DeepSpeed until every file under the tag folder matches a record.
+DIGESTS = "digests-rank{rank}.json"
+KEY_ENV = "LLMEMB_CHECKPOINT_KEY"
+
+
+class CheckpointTampered(Exception):
+    """A checkpoint file that no digest record vouches for; nothing of the checkpoint was loaded."""
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _signature(files: dict[str, str]) -> str | None:
+    import hashlib
+    import hmac
+    import json
+
+    key = os.environ.get(KEY_ENV)
+    if not key:
+        return None
+    return hmac.new(key.encode(), json.dumps(files, sort_keys=True).encode(), hashlib.sha256).hexdigest()
+
+
+def write_digests(folder: str | Path, rank: int) -> None:
+    """The digest record of the files this rank wrote under `folder`/CHECKPOINT_TAG."""
+    import json
+
+    folder = Path(folder)
+    files = {str(p.relative_to(folder)): _sha256(p) for p in sorted((folder / CHECKPOINT_TAG).rglob("*")) if p.is_file()}
+    (folder / DIGESTS.format(rank=rank)).write_text(json.dumps({"files": files, "hmac": _signature(files)}))
+
+
+def verify_checkpoint(folder: str | Path) -> None:
+    """Every file under `folder`/CHECKPOINT_TAG matches a digest record of the ranks that wrote it."""
+    import hmac
+    import json
+
+    folder = Path(folder)
+    vouched: dict[str, str] = {}
+    for record_file in sorted(folder.glob(DIGESTS.format(rank="*"))):
+        try:
+            record = json.loads(record_file.read_text())
+            files, signature = dict(record["files"]), record.get("hmac")
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointTampered(f"{record_file}: unreadable digest record ({e}); the checkpoint was not loaded") from e
+        expected = _signature(files)
+        if expected is not None and not (signature and hmac.compare_digest(signature, expected)):
+            raise CheckpointTampered(f"{record_file}: its signature does not match {KEY_ENV}; the checkpoint was not loaded")
+        vouched.update(files)
+    for path in sorted((folder / CHECKPOINT_TAG).rglob("*")):
+        name = str(path.relative_to(folder))
+        if path.is_file() and vouched.get(name) != _sha256(path):
+            raise CheckpointTampered(f"{path}: {'differs from' if name in vouched else 'is not in'} the digests written "
+                                     "when the checkpoint was saved; nothing of it was loaded. Remove the checkpoint "
+                                     "or choose another scft.run")
+
+
 def save_checkpoint(engine, folder: str | Path, client_state: dict[str, Any]) -> None:
     """Every rank writes its shard (and rank 0 the module) under `folder`; the frozen base is left out."""
     engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, client_state=client_state, exclude_frozen_parameters=True)
+    write_digests(folder, engine.global_rank)
 
 
 def load_checkpoint(engine, folder: str | Path) -> dict[str, Any]:
     """Restores module, optimizer and scheduler; returns the client state saved with them."""
+    verify_checkpoint(folder)
     path, client_state = engine.load_checkpoint(str(folder), tag=CHECKPOINT_TAG, load_module_strict=False)
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint under {folder}/{CHECKPOINT_TAG}")
@@ -148,4 +218,5 @@ def consolidated_checkpoint_weights(folder: str | Path) -> dict[str, torch.Tenso
     """The fp32 trainable weights rebuilt offline from a checkpoint's ZeRO shards (DeepSpeed's zero_to_fp32)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    verify_checkpoint(folder)
     return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=CHECKPOINT_TAG, exclude_frozen_parameters=True)
