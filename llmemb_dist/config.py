@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,23 @@ class ConfigError(ValueError):
 ZeroStage = Literal[0, 1, 2, 3]
 
 
+# A name that becomes a path segment under the root (a run, a dataset, a version): no '/', no leading '.'
+# (so never '.' or '..'), no control characters, nothing a shell or an S3 key would treat specially.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Any bucket S3 ever allowed (legacy us-east-1 names had capitals and '_'), but one there must be.
+S3_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+
+
+def name(default: str, *, empty: bool = False, uri: bool = False) -> Any:
+    """A string field that is a safe name (or empty, or a URI, where allowed); checked by `load_config`."""
+    return field(default=default, metadata={"name": (empty, uri)})
+
+
+def location(default: str) -> Any:
+    """A local path or an s3://bucket/prefix URI; checked by `load_config`."""
+    return field(default=default, metadata={"location": True})
+
+
 def bounded(default: float, *, low: float | None = None, high: float | None = None,
             low_open: bool = False, high_open: bool = False) -> Any:
     """A scalar field whose value must lie in the range; `load_config` refuses others by the key's name."""
@@ -32,7 +50,7 @@ def bounded(default: float, *, low: float | None = None, high: float | None = No
 
 @dataclass
 class DatasetConfig:
-    name: str = "ml-100k"
+    name: str = name("ml-100k")
     # recbole: atomic .inter/.item files; movielens_csv: GroupLens CSV; amazon: review + meta JSON lines
     format: Literal["recbole", "movielens_csv", "amazon"] = "recbole"
     # A folder (or for amazon the reviews file); "recbole:<name>" means the example shipped in the recbole wheel.
@@ -73,7 +91,7 @@ class ModelConfig:
 
 @dataclass
 class ScftConfig:
-    run: str = "default"
+    run: str = name("default")
     num_workers: int = bounded(2, low=1)
     use_gpu: bool = False
     cpus_per_worker: float = bounded(1.0, low=0.0, low_open=True)
@@ -108,7 +126,7 @@ class ScftConfig:
 
 @dataclass
 class EmbedConfig:
-    version: str = "default"
+    version: str = name("default")
     # "auto": the adapter of scft.run if it is published, else the bare base model; "none": bare base model; or a URI.
     adapter: str = "auto"
     batch_size: int = bounded(64, low=1)
@@ -116,7 +134,7 @@ class EmbedConfig:
     cpus_per_actor: float = bounded(1.0, low=0.0)
     gpus_per_actor: float = bounded(0.0, low=0.0)
     pca_dim: int = bounded(0, low=0)  # 0 = keep the model's dimension
-    incremental_from: str = ""  # a previous version to reuse unchanged items from
+    incremental_from: str = name("", empty=True)  # a previous version to reuse unchanged items from
     fail_actor_once: bool = False  # fault injection: one actor dies once mid-run
     rows_per_file: int = bounded(100_000, low=1)  # rows per output Parquet file
 
@@ -149,8 +167,8 @@ class ColdStartConfig:
 
 @dataclass
 class RatConfig:
-    run: str = "default"
-    embeddings: str = "default"  # an embeddings version under <root>/embeddings, or a URI
+    run: str = name("default")
+    embeddings: str = name("default", uri=True)  # an embeddings version under <root>/embeddings, or a URI
     embedding_dim: int = bounded(0, low=0)  # expected LLM embedding dimension; 0 = take it from the embeddings
     backbone: Literal["sasrec", "bert4rec", "gru4rec"] = "sasrec"
     # llm: LLMEmb (the paper's adapter); llm_id: adapted LLM vector + ID vector; llm_gate: the same with the ID
@@ -183,9 +201,9 @@ class RatConfig:
 
 @dataclass
 class AdaptConfig:
-    version: str = "default"  # publishes <root>/adapted/<version>
-    embeddings: str = ""  # an embeddings version under <root>/embeddings, or a URI; empty = embed.version
-    incremental_from: str = ""  # a previous adapted version to carry unchanged items over from
+    version: str = name("default")  # publishes <root>/adapted/<version>
+    embeddings: str = name("", empty=True, uri=True)  # a version under <root>/embeddings, or a URI; empty = embed.version
+    incremental_from: str = name("", empty=True)  # a previous adapted version to carry unchanged items over from
     batch_size: int = bounded(4096, low=1)  # items per transform call
     num_actors: int = bounded(1, low=1)
     cpus_per_actor: float = bounded(1.0, low=0.0, low_open=True)
@@ -200,7 +218,7 @@ class RayConfig:
 
 @dataclass
 class Config:
-    root: str = "./runs"
+    root: str = location("./runs")
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     scft: ScftConfig = field(default_factory=ScftConfig)
@@ -271,9 +289,40 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"unknown config key {prefix + unknown[0]!r} (known: {', '.join(sorted(names))})")
     kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in raw.items()}
     for f in dataclasses.fields(cls):
-        if f.name in kwargs and "range" in f.metadata:
+        if f.name not in kwargs:
+            continue
+        if "range" in f.metadata:
             _check_range(prefix + f.name, kwargs[f.name], *f.metadata["range"])
+        if "name" in f.metadata:
+            _check_name(prefix + f.name, kwargs[f.name], *f.metadata["name"])
+        if "location" in f.metadata:
+            _check_location(prefix + f.name, kwargs[f.name])
     return cls(**kwargs)
+
+
+def _check_name(key: str, value: str, empty: bool, uri: bool) -> None:
+    if (empty and value == "") or SAFE_NAME.fullmatch(value):
+        return
+    if uri and ("://" in value or "/" in value):
+        _check_location(key, value)
+        return
+    raise ConfigError(f"config key {key!r} must be a name of letters, digits, '.', '_' and '-' that does not start "
+                      f"with '.' (at most 128 characters){' or a URI' if uri else ''}, got {value!r}")
+
+
+def _check_location(key: str, value: str) -> None:
+    """A local path, or s3://<bucket>[/prefix] with a valid bucket and no '.' or '..' segment in the prefix."""
+    if any(ord(c) < 32 for c in value) or not value:
+        raise ConfigError(f"config key {key!r} must be a local path or s3://bucket/prefix, got {value!r}")
+    if value.startswith("s3://"):
+        bucket, _, prefix = value[len("s3://"):].partition("/")
+        if not S3_BUCKET.fullmatch(bucket):
+            raise ConfigError(f"config key {key!r}: {value!r} names no S3 bucket (letters, digits, '.', '_' "
+                              "and '-')")
+        if any(segment in (".", "..") for segment in prefix.split("/")):
+            raise ConfigError(f"config key {key!r}: {value!r} has a '.' or '..' segment; S3 keys are not paths")
+    elif "://" in value and not value.startswith("file://"):
+        raise ConfigError(f"config key {key!r}: unknown URI scheme in {value!r}; use a local path or s3://bucket/prefix")
 
 
 def _check_range(key: str, value: float, low: float | None, high: float | None, low_open: bool, high_open: bool) -> None:

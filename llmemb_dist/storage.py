@@ -62,8 +62,11 @@ def is_s3(uri: str) -> bool:
 
 
 def join(uri: str, *parts: str) -> str:
+    """`uri` with `parts` below it; a part that would climb out of it ('..') is refused."""
     out = uri.rstrip("/")
     for part in parts:
+        if ".." in part.split("/"):
+            raise StorageError(f"{part!r} would leave {uri!r}: a '..' segment is not allowed in a name")
         out = f"{out}/{part.strip('/')}"
     return out
 

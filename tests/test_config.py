@@ -88,3 +88,34 @@ def test_out_of_range_values_are_refused_on_load_by_name(override, message):
 def test_every_default_is_in_range():
     assert load_config(None) == Config()
     assert load_config(REPO / "configs" / "default.yaml").scft.zero_stage == 2
+
+
+@pytest.mark.parametrize("override,message", [
+    ("dataset.name=../../../escaped", "'dataset.name' must be a name"),
+    ("scft.run=a/b", "'scft.run' must be a name"),
+    ("embed.version=.hidden", "'embed.version' must be a name"),
+    ("rat.run=bad\nname", "'rat.run' must be a name"),
+    ("adapt.version=..", "'adapt.version' must be a name"),
+    ("adapt.incremental_from=x/../../y", "'adapt.incremental_from' must be a name"),
+    ("root=s3://", "names no S3 bucket"),
+    ("root=s3:///prefix", "names no S3 bucket"),
+    ("rat.embeddings=s3://bucket/a/../b", "'..' segment"),
+    ("root=ftp://host/x", "unknown URI scheme"),
+])
+def test_names_that_would_leave_the_root_and_bad_uris_are_refused_by_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_safe_names_uris_and_empty_optionals_are_accepted():
+    cfg = load_config(None, ["dataset.name=ml-100k-day2", "rat.embeddings=s3://bucket/other/embeddings/v1",
+                             "adapt.embeddings=", "root=s3://my-bucket/prefix", "embed.version=20260101-0300"])
+    assert cfg.rat.embeddings.startswith("s3://") and cfg.adapt.embeddings == ""
+
+
+def test_storage_join_refuses_to_climb_out_of_its_base():
+    from llmemb_dist import storage
+
+    assert storage.join("s3://b/root", "rat", "run") == "s3://b/root/rat/run"
+    with pytest.raises(storage.StorageError, match="would leave"):
+        storage.join("s3://b/root", "datasets", "../../escaped")
