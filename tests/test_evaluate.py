@@ -1,11 +1,14 @@
+import logging
 import math
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 
 from llmemb_dist.config import EvalConfig
 from llmemb_dist.data.sequences import build_sequences
+from llmemb_dist.storage import DataError
 from llmemb_dist.stages.rat.evaluate import Scorer, evaluate, head_items, make_split, metrics_from_ranks, popularity_scorer, ranks
 
 
@@ -46,27 +49,35 @@ def test_ranks_under_both_protocols_on_a_handmade_scorer():
         assert list(one) == [protocol] and (one[protocol] == got[protocol]).all()
 
 
-def test_ties_count_against_the_true_item_and_same_seed_same_negatives():
+def test_ties_count_against_the_true_item_and_same_seed_same_negatives(caplog):
     data = small_data()
     cfg = EvalConfig(num_negatives=5, ks=[10])
     constant = Scorer(lambda seqs: torch.ones(len(seqs), 1), torch.zeros(31, 1))
     result = evaluate(constant, make_split(data, "valid", cfg), cfg, 10)
     assert result["sampled"]["overall"]["HR@10"] == 1.0  # 5 tied negatives: rank 5 < 10
-    result = evaluate(constant, make_split(data, "valid", EvalConfig(ks=[1])), EvalConfig(ks=[1]), 10)
+    result = evaluate(constant, make_split(data, "valid", EvalConfig(num_negatives=5, ks=[1])), EvalConfig(ks=[1]), 10)
     assert result["sampled"]["overall"]["HR@1"] == 0.0 and result["full"]["overall"]["HR@1"] == 0.0
-    # More negatives wanted than items a user never touched (26): the padding that fills the list is no rival.
-    crowded = make_split(data, "valid", EvalConfig(num_negatives=28))
+    # More negatives wanted than items a user never touched (26): the padding that fills the list is no rival,
+    # and the log says so.
+    with caplog.at_level(logging.WARNING, logger="llmemb_dist.stages.rat.evaluate"):
+        crowded = make_split(data, "valid", EvalConfig(num_negatives=28))
+    assert "4 of 4 users touched so many items that fewer than 28 are left" in caplog.text
     assert (crowded.negatives[:, 26:] == 0).all()
     assert (ranks(constant, crowded, np.arange(4), max_len=10, protocols=("sampled",))["sampled"] == 26).all()
     a, b = make_split(data, "valid", cfg), make_split(data, "valid", cfg)
     assert (a.negatives == b.negatives).all()
 
 
+def test_more_negatives_than_the_catalog_has_is_refused():
+    with pytest.raises(DataError, match=r"rat.eval.num_negatives=30, but the catalog has 30 items"):
+        make_split(small_data(), "valid", EvalConfig(num_negatives=30))
+
+
 def test_head_items_and_groups():
     pop = np.array([0, 5, 1, 9, 1, 0, 0, 0, 0, 0, 3])
     assert np.flatnonzero(head_items(pop, 0.2)).tolist() == [1, 3]
     data = small_data()
-    split = make_split(data, "test", EvalConfig(head_fraction=0.2, short_user_max_len=2))
+    split = make_split(data, "test", EvalConfig(num_negatives=5, head_fraction=0.2, short_user_max_len=2))
     assert split.short.all()  # two training events each
     result = evaluate(popularity_scorer(data.train_popularity()), split, EvalConfig(), 10)
     assert result["full"]["head"]["users"] + result["full"]["tail"]["users"] == 4

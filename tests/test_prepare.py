@@ -128,8 +128,8 @@ def test_rerun_is_a_no_op_and_another_config_is_refused(tmp_path):
 
 def _atomic(folder: Path, items: str, inter: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "x.item").write_text(items)
-    (folder / "x.inter").write_text(inter)
+    for name, text in (("x.item", items), ("x.inter", inter)):
+        (folder / name).write_bytes(text if isinstance(text, bytes) else text.encode())
     return folder
 
 
@@ -147,10 +147,18 @@ GOOD_INTER = "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t10\nu\t2\t11\
         (GOOD_ITEMS, "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t10\nu\t9\t11\n", r"row 1 names item '9'"),
         (GOOD_ITEMS, "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t10\nu\t2\tyesterday\n", r"x.inter: line 3: timestamp 'yesterday'"),
         (GOOD_ITEMS, "user_id:token\titem_id:token\nu\t1\n", r"x.inter: missing required column 'timestamp'"),
+        ("item_id:token\ttitle:token_seq\tgenre:token\n1\tA\t\n2\t \t\n", GOOD_INTER,
+         r"src \(items\): row 1 \(item '2'\) has every attribute \(title, genre\) empty"),
+        ("item_id:token\ttitle:token_seq\n1\tA\n2\t\xe9t\xe9\n".encode("latin-1"), GOOD_INTER, r"x.item: not UTF-8 text"),
+        ("\ufeffitem_id:token\ttitle:token_seq\n1\tA\n2\tB\n".encode(), "\ufeff" + GOOD_INTER, None),  # a BOM is fine
     ],
 )
 def test_bad_input_names_the_problem_and_publishes_nothing(tmp_path, items, inter, message):
     cfg = _cfg(tmp_path / "runs", name="bad", source=str(_atomic(tmp_path / "src", items, inter)))
+    if message is None:
+        prepare(cfg)
+        assert storage.read_table(dataset_uri(cfg), "catalog").column("item_id").to_pylist() == ["1", "2"]
+        return
     with pytest.raises(DataError, match=message):
         prepare(cfg)
     assert not storage.is_published(dataset_uri(cfg))

@@ -87,6 +87,17 @@ def validate_catalog(df: pd.DataFrame, source: str) -> None:
     refuse_rows(ids.duplicated(), lambda row: f"{source}: duplicate {ITEM_ID} {ids.iloc[row]!r} at row {row}")
 
 
+def refuse_undescribed_items(df: pd.DataFrame, source: str) -> None:
+    """An item whose kept attributes are all empty has no text for the LLM: the embedding stage could
+    not embed it, so the import refuses it (with its row) before SCFT spends any time."""
+    columns = attribute_columns(list(df.columns))
+    empty = pd.Series(True, index=df.index)
+    for col in columns:
+        empty &= df[col].isna() | (df[col].astype(str).str.strip() == "")
+    refuse_rows(empty, lambda row: f"{source}: row {row} (item {df[ITEM_ID].iloc[row]!r}) has every attribute "
+                                   f"({', '.join(columns)}) empty: nothing describes it; fill one in or drop the item")
+
+
 def validate_interactions(df: pd.DataFrame, known_items: set[str], source: str) -> None:
     missing = [c for c in INTERACTION_COLUMNS if c not in df.columns]
     if missing:

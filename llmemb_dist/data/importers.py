@@ -71,8 +71,11 @@ def _one_file(folder: Path, suffix: str) -> Path:
 
 def _read_atomic(path: Path) -> pd.DataFrame:
     """An atomic file: a tab-separated header of `name:type` fields; every value is read as text."""
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\n").split("\t")
+    try:
+        with open(path, encoding="utf-8") as f:
+            header = f.readline().rstrip("\n").lstrip("\ufeff").split("\t")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start} of the first line); re-encode the file as UTF-8") from None
     names = []
     for i, field in enumerate(header):
         name, sep, _type = field.partition(":")
@@ -86,6 +89,8 @@ def _read_atomic(path: Path) -> pd.DataFrame:
         )
     except pd.errors.ParserError as e:
         raise DataError(f"{path}: {e}") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (at byte {e.start}); re-encode the file as UTF-8") from None
 
 
 def _int_timestamps(values: pd.Series, source: Path, first_line: int) -> pd.Series:
@@ -127,6 +132,8 @@ def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.ParserError as e:
         raise DataError(f"{path}: {e}") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (at byte {e.start}); re-encode the file as UTF-8") from None
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing required column {missing[0]!r} (columns: {list(df.columns)})")
@@ -168,6 +175,7 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     if not path.is_file():
         raise DataError(f"dataset: {path} not found")
     opener = gzip.open if path.suffix == ".gz" else open
+    line_no = 0
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             for line_no, line in enumerate(f, start=1):
@@ -185,6 +193,8 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
                 yield line_no, rec
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read ({e})") from e
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text (after line {line_no}); re-encode the file as UTF-8") from None
 
 
 def _categories(rec: dict) -> str:

@@ -11,6 +11,7 @@ from llmemb_dist.data.catalog import (
     USER_ID,
     catalog_table,
     interactions_table,
+    refuse_undescribed_items,
     validate_catalog,
     validate_interactions,
 )
@@ -36,6 +37,7 @@ def prepare(cfg: Config, overwrite: bool = False) -> str:
     validate_catalog(items, f"{source} (items)")
     validate_interactions(inter, set(items[ITEM_ID]), f"{source} (interactions)")
     items, inter = preprocess(items, inter, cfg.dataset)
+    refuse_undescribed_items(items, f"{source} (items)")
     catalog, interactions = catalog_table(items), interactions_table(inter)
     counts = {
         "users": int(inter[USER_ID].nunique()),

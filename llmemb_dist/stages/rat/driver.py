@@ -25,6 +25,7 @@ from llmemb_dist.srs import SeqRecommender
 from llmemb_dist.srs.placement import ItemPlacement
 from llmemb_dist.stages.rat import report
 from llmemb_dist.stages.rat.cold import cold_start_report
+from llmemb_dist.stages.rat.evaluate import check_negatives
 from llmemb_dist.stages.rat.inputs import catalog_text_hashes, load_cold_split, load_llm_table, load_sequences
 from llmemb_dist.stages.rat.worker import train_variant
 
@@ -78,6 +79,7 @@ def rat(cfg: Config) -> str:
     if split is not None:
         data = split.warm
     log.info("%d users (%d dropped with < 3 events), %d items", len(data.seqs), data.dropped_users, data.num_items)
+    check_negatives(data, rcfg.eval)  # before Ray starts
     llm = llm_all = None
     if uses_llm:
         llm_all = load_llm_table(emb_uri, split.item_ids if split else data.item_ids, rcfg.embedding_dim)

@@ -9,6 +9,7 @@ item, so a constant scorer gets no credit.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -18,6 +19,9 @@ import torch
 
 from llmemb_dist.config import EvalConfig
 from llmemb_dist.data.sequences import Sequences, pad_left
+from llmemb_dist.storage import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +59,10 @@ def head_items(popularity: np.ndarray, fraction: float) -> np.ndarray:
 def sample_negatives(data: Sequences, count: int, rng: np.random.Generator) -> np.ndarray:
     """`count` distinct items per user, drawn uniformly from the items the user never touched."""
     out = np.zeros((len(data.seqs), count), dtype=np.int64)
+    short = sum(data.num_items - len(np.unique(seq)) < count for seq in data.seqs)
+    if short:
+        log.warning("%d of %d users touched so many items that fewer than %d are left to sample as negatives: "
+                    "they are ranked among all they did not touch", short, len(data.seqs), count)
     for u, seq in enumerate(data.seqs):
         free = data.num_items - len(np.unique(seq))
         want = min(count, free)
@@ -67,7 +75,16 @@ def sample_negatives(data: Sequences, count: int, rng: np.random.Generator) -> n
     return out
 
 
+def check_negatives(data: Sequences, cfg: EvalConfig) -> None:
+    """The sampled protocol needs `num_negatives` items besides the true one: more than the catalog can give
+    is an impossible setting, not a metric of 1.0."""
+    if cfg.num_negatives >= data.num_items:
+        raise DataError(f"rat.eval.num_negatives={cfg.num_negatives}, but the catalog has {data.num_items} items: "
+                        f"the sampled protocol needs fewer negatives than items (at most {data.num_items - 1})")
+
+
 def make_split(data: Sequences, name: str, cfg: EvalConfig) -> EvalSplit:
+    check_negatives(data, cfg)
     inputs, targets = data.split(name)
     rng = np.random.default_rng([cfg.seed, {"valid": 0, "test": 1}[name]])
     head = head_items(data.train_popularity(), cfg.head_fraction)
