@@ -211,6 +211,14 @@ class AdaptConfig:
 
 
 @dataclass
+class CleanupConfig:
+    # Transaction folders (data-*) no manifest names, begun at least this long ago: a younger one may
+    # still be being written by a running job.
+    grace_hours: float = bounded(24.0, low=0.0)
+    remove: bool = False  # false: only list what would be removed
+
+
+@dataclass
 class RayConfig:
     address: str = ""  # empty: $RAY_ADDRESS if set, else an embedded local Ray
     num_cpus: int = bounded(0, low=0)  # embedded Ray only; 0 = all cores
@@ -225,6 +233,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     rat: RatConfig = field(default_factory=RatConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    cleanup: CleanupConfig = field(default_factory=CleanupConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 

@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -393,6 +394,33 @@ def publish(
     _commit_manifest(uri, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode(), overwrite)
     if previous and previous != txn:
         delete_tree(join(uri, previous))
+
+
+TRANSACTION = re.compile(r"data-(\d{8}T\d{6})-[0-9a-f]{8}")
+
+
+def unreferenced_transactions(root: str, older_than: dt.timedelta) -> list[str]:
+    """The transaction folders under `root` that no manifest names and that were begun more than
+    `older_than` ago (their name says when): what a crashed job or the loser of a publish race left.
+    A younger one may still be being written, so it is never listed."""
+    fs, path = resolve(root)
+    with _storage_errors(root):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    cutoff = dt.datetime.now(dt.timezone.utc) - older_than
+    named: dict[str, str | None] = {}
+    out = []
+    for info in infos:
+        begun = TRANSACTION.fullmatch(info.base_name)
+        if info.type != pafs.FileType.Directory or not begun:
+            continue
+        uri = ("s3://" + info.path) if is_s3(root) else info.path
+        publication = uri.rsplit("/", 1)[0]
+        if publication not in named:
+            named[publication] = read_manifest(publication)["data_dir"] if is_published(publication) else None
+        started = dt.datetime.strptime(begun[1], "%Y%m%dT%H%M%S").replace(tzinfo=dt.timezone.utc)
+        if named[publication] != info.base_name and started < cutoff:
+            out.append(uri)
+    return sorted(out)
 
 
 def _yaml(data: dict[str, Any]) -> str:

@@ -138,3 +138,38 @@ def test_wrong_credentials_are_a_clear_error(authenticating_s3, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     with pytest.raises(StorageError, match="s3://bucket/runs"):
         _publish("s3://bucket/runs", _table())
+
+
+def test_cleanup_removes_only_old_unreferenced_transactions(root):
+    import datetime as dt
+
+    from llmemb_dist.cleanup import cleanup
+    from llmemb_dist.config import load_config
+
+    kept = storage.join(root, "embeddings", "v1")
+    _publish(kept, _table(4))
+    old_crash = storage.join(kept, "data-20200101T000000-deadbeef")  # a crashed overwrite, long ago
+    storage.write_bytes(storage.join(old_crash, "items", "part-00000.parquet"), b"half")
+    never = storage.join(root, "rat", "r", "result")  # a publication that never committed
+    with pytest.raises(RuntimeError):
+        _publish(never, _table(), fail=True)
+    storage.write_bytes(storage.join(never, "data-20210101T000000-0123abcd", "x"), b"old")
+    race = storage.join(root, "race")  # the loser of a race, just now
+    winner, loser = (storage.publish(race, kind="t", config={}, config_hash=h) for h in "12")
+    winner.__enter__().write_table("items", _table(2))
+    loser.__enter__().write_table("items", _table(3))
+    winner.__exit__(None, None, None)
+    with pytest.raises(AlreadyPublished):
+        loser.__exit__(None, None, None)
+
+    old = storage.unreferenced_transactions(root, dt.timedelta(hours=24))
+    assert [u.rsplit("/", 2)[-2:] for u in old] == [["v1", "data-20200101T000000-deadbeef"],
+                                                   ["result", "data-20210101T000000-0123abcd"]]
+    assert len(storage.unreferenced_transactions(root, dt.timedelta(0))) == 4  # + the loser and the crash just now
+
+    listed = cleanup(load_config(None, [f"root={root}"]))  # lists, removes nothing
+    assert listed == old
+    assert storage.unreferenced_transactions(root, dt.timedelta(hours=24)) == old
+    assert cleanup(load_config(None, [f"root={root}", "cleanup.remove=true"])) == old
+    assert storage.unreferenced_transactions(root, dt.timedelta(hours=24)) == []
+    assert storage.read_table(kept, "items").num_rows == 4 and storage.read_table(race, "items").num_rows == 2
