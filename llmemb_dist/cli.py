@@ -23,4 +23,12 @@ def main(stage: str, run: Callable[[Config], object], argv: list[str] | None = N
     except (ConfigError, DataError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a root the OS refuses: no permission, a read-only disk, a path that cannot exist
+        print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: what {stage} had published is kept and nothing half-written is visible; run the same "
+              "command again to continue (published stages are skipped, SCFT and RAT resume from their checkpoints)",
+              file=sys.stderr)
+        return 130
     return 0

@@ -196,3 +196,20 @@ def test_raw_files_on_s3_are_imported(tmp_path, s3_root):
     with pytest.raises(DataError, match="dataset.source: no such file"):
         prepare(_cfg(s3_root, name="amz2", format="amazon", source=storage.join(raw, "absent.json"),
                      metadata=storage.join(raw, "meta_Beauty.json")))
+
+
+def test_a_root_the_os_refuses_and_ctrl_c_end_with_one_line(tmp_path, capsys):
+    from llmemb_dist.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main("prepare", prepare, [f"root={blocker}/runs", "dataset.max_items=50"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "a-file" in err
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    assert main("embed", interrupted, [f"root={tmp_path}"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted: what embed had published is kept") and len(err.splitlines()) == 1
