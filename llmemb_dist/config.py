@@ -181,6 +181,9 @@ class RatConfig:
     dropout: float = bounded(0.5, low=0.0, high=1.0, high_open=True)
     max_len: int = bounded(200, low=2)
     adapter_hidden: int = bounded(768, low=1)
+    # llm_gate: the chance that training drops an item's ID side where it appears, so that the LLM side
+    # alone ranks items too, as it must for items that arrive after training (srs/items.py)
+    id_dropout: float = bounded(0.0, low=0.0, high=1.0, high_open=True)
     # bce: the reference's, one sampled negative per target; ce: softmax over the whole catalog;
     # sampled_softmax: shared in-batch + uniform negatives with the log-Q correction (srs/losses.py)
     loss: Literal["bce", "ce", "sampled_softmax"] = "ce"

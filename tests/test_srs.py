@@ -162,6 +162,27 @@ def test_llm_gate_leans_on_the_id_side_by_training_popularity():
     assert "log_count" in items.state_dict()  # saved with the model, so a loaded model gates the same
 
 
+def test_id_dropout_drops_whole_id_sides_in_training_only():
+    import dataclasses
+
+    popularity = np.arange(NUM_ITEMS + 1)
+    torch.manual_seed(0)
+    items = build_model(dataclasses.replace(CFG, id_dropout=0.5), "sasrec", "llm_gate", NUM_ITEMS,
+                        llm_table(dim=CFG.hidden), popularity).items
+    with torch.no_grad():
+        items.ids.weight[1:] = 1.0
+    text, full = items.llm.table(), items.eval().table()
+    items.train()
+    torch.manual_seed(1)
+    dropped = items.table()
+    # Each item has either its whole ID side or none of it; about half lose it.
+    none = torch.isclose(dropped, text, atol=1e-6).all(1)[1:]
+    whole = torch.isclose(dropped, full, atol=1e-6).all(1)[1:]
+    assert bool((none | whole).all()) and 10 < int(none.sum()) < 40
+    ids = torch.arange(1, NUM_ITEMS + 1)
+    assert torch.allclose(items.eval()(ids), full[1:], atol=1e-6)  # evaluation keeps every ID side
+
+
 @pytest.mark.parametrize("item_repr", ["llm", "llm_id", "llm_gate", "id_llm_init", "llm_frozen"])
 def test_with_llm_gives_trained_items_their_row_and_new_items_their_text_side(item_repr):
     llm = llm_table(dim=CFG.hidden)

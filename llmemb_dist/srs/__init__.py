@@ -15,7 +15,7 @@ def build_model(cfg: RatConfig, backbone: str, item_repr: str, num_items: int, l
                 popularity: np.ndarray | None = None) -> SeqRecommender:
     """`popularity` (training interactions per item index) is what popularity-aware item representations
     start from; a model built to load a saved state does not need it."""
-    items = build_items(item_repr, num_items, cfg.hidden, cfg.adapter_hidden, llm, popularity)
+    items = build_items(item_repr, num_items, cfg.hidden, cfg.adapter_hidden, llm, popularity, cfg.id_dropout)
     if backbone == "sasrec":
         return SASRec(items, num_items, cfg.hidden, cfg.layers, cfg.heads, cfg.dropout, cfg.max_len)
     if backbone == "bert4rec":

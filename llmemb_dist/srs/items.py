@@ -191,11 +191,16 @@ class GatedLlmIdItems(nn.Module):
     popularity how far an item may move off its text, so rarely seen items, whose ID vectors see
     few gradients and overfit them, lean on the shared adapter, and popular ones on their IDs.
     An item with no interactions has count 0 and its ID side at zero: exactly its adapted LLM vector.
+
+    With `id_dropout` p, training drops each item's ID side with probability p wherever the item appears
+    (as DropoutNet drops preference inputs): the LLM side alone must then rank an item too, which is
+    what it does for items that arrive after training.
     """
 
     def __init__(self, llm: np.ndarray, num_items: int, hidden: int, adapter_hidden: int,
-                 popularity: np.ndarray | None):
+                 popularity: np.ndarray | None, id_dropout: float = 0.0):
         super().__init__()
+        self.id_dropout = id_dropout
         self.llm = LlmItems(llm, hidden, adapter_hidden)
         self.ids = nn.Embedding(num_items + 1, hidden, padding_idx=0)
         nn.init.zeros_(self.ids.weight)
@@ -208,19 +213,25 @@ class GatedLlmIdItems(nn.Module):
     def gate(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.gate_weight * self.log_count[ids] + self.gate_bias)[..., None]
 
+    def id_side(self, ids: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        side = self.gate(ids) * vectors
+        if self.training and self.id_dropout > 0:
+            side = side * (torch.rand(ids.shape, device=side.device) >= self.id_dropout)[..., None]
+        return side
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.llm(ids) + self.gate(ids) * self.ids(ids)
+        return self.llm(ids) + self.id_side(ids, self.ids(ids))
 
     def table(self) -> torch.Tensor:
         every = torch.arange(len(self.log_count), device=self.log_count.device)
-        return self.llm.table() + self.gate(every) * self.ids.weight
+        return self.llm.table() + self.id_side(every, self.ids.weight)
 
     def with_llm(self, raw: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return self.llm.with_llm(raw, index) + self.gate(index) * self.ids.weight[index]
 
 
 def build_items(kind: str, num_items: int, hidden: int, adapter_hidden: int, llm: np.ndarray | None,
-                popularity: np.ndarray | None = None) -> nn.Module:
+                popularity: np.ndarray | None = None, id_dropout: float = 0.0) -> nn.Module:
     if kind == "id":
         return IdItems(num_items, hidden)
     if llm is None:
@@ -234,5 +245,5 @@ def build_items(kind: str, num_items: int, hidden: int, adapter_hidden: int, llm
     if kind == "id_llm_init":
         return LlmInitIdItems(llm, num_items, hidden)
     if kind == "llm_gate":
-        return GatedLlmIdItems(llm, num_items, hidden, adapter_hidden, popularity)
+        return GatedLlmIdItems(llm, num_items, hidden, adapter_hidden, popularity, id_dropout)
     raise ValueError(f"unknown item_repr {kind!r}")
