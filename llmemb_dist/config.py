@@ -37,15 +37,18 @@ def name(default: str, *, empty: bool = False, uri: bool = False) -> Any:
     return field(default=default, metadata={"name": (empty, uri)})
 
 
+ADDED = {"added": True}  # field metadata: leave the key out of config_hash while it is at its default
+
+
 def location(default: str) -> Any:
     """A local path or an s3://bucket/prefix URI; checked by `load_config`."""
     return field(default=default, metadata={"location": True})
 
 
 def bounded(default: float, *, low: float | None = None, high: float | None = None,
-            low_open: bool = False, high_open: bool = False) -> Any:
+            low_open: bool = False, high_open: bool = False, added: bool = False) -> Any:
     """A scalar field whose value must lie in the range; `load_config` refuses others by the key's name."""
-    return field(default=default, metadata={"range": (low, high, low_open, high_open)})
+    return field(default=default, metadata={"range": (low, high, low_open, high_open), **(ADDED if added else {})})
 
 
 @dataclass
@@ -62,6 +65,9 @@ class DatasetConfig:
     max_seq_len: int = bounded(0, low=0)  # keep each user's most recent events; 0 = no limit
     max_attr_chars: int = bounded(0, low=0)  # attribute values are cut to this many characters; 0 = no cut
     max_items: int = bounded(0, low=0)  # keep only the most popular items (a small slice for tests); 0 = all
+    # The unit of the source's timestamps; auto: seconds, milliseconds or microseconds by their magnitude
+    # (a column that fits none, or mixes them, is refused). Stored as int64 seconds either way.
+    timestamp_unit: Literal["auto", "s", "ms", "us"] = field(default="auto", metadata=ADDED)
     num_shards: int = bounded(4, low=1)
 
 
@@ -183,7 +189,7 @@ class RatConfig:
     adapter_hidden: int = bounded(768, low=1)
     # llm_gate: the chance that training drops an item's ID side where it appears, so that the LLM side
     # alone ranks items too, as it must for items that arrive after training (srs/items.py)
-    id_dropout: float = bounded(0.0, low=0.0, high=1.0, high_open=True)
+    id_dropout: float = bounded(0.0, low=0.0, high=1.0, high_open=True, added=True)
     # bce: the reference's, one sampled negative per target; ce: softmax over the whole catalog;
     # sampled_softmax: shared in-batch + uniform negatives with the log-Q correction (srs/losses.py)
     loss: Literal["bce", "ce", "sampled_softmax"] = "ce"
@@ -199,7 +205,7 @@ class RatConfig:
     cpus_per_worker: float = bounded(1.0, low=0.0, low_open=True)
     seed: int = 42
     eval: EvalConfig = field(default_factory=EvalConfig)
-    cold: ColdStartConfig = field(default_factory=ColdStartConfig)
+    cold: ColdStartConfig = field(default_factory=ColdStartConfig, metadata=ADDED)
 
 
 @dataclass
@@ -275,9 +281,21 @@ def to_yaml(cfg: Any) -> str:
 
 
 def config_hash(section: Any) -> str:
-    """A stable hash of a config (section); equal hashes mean an equal run."""
-    data = json.dumps(dataclasses.asdict(section), sort_keys=True, default=str)
+    """A stable hash of a config (section); equal hashes mean an equal run. A key added after outputs were
+    published (marked `ADDED`) counts only when it differs from its default, so those outputs stay valid."""
+    data = json.dumps(_hashed(section), sort_keys=True, default=str)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def _hashed(value: Any) -> Any:
+    if not dataclasses.is_dataclass(value):
+        return value
+    return {f.name: _hashed(getattr(value, f.name)) for f in dataclasses.fields(value)
+            if not (f.metadata.get("added") and getattr(value, f.name) == _default(f))}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

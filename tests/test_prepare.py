@@ -151,6 +151,13 @@ GOOD_INTER = "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t10\nu\t2\t11\
          r"src \(items\): row 1 \(item '2'\) has every attribute \(title, genre\) empty"),
         ("item_id:token\ttitle:token_seq\n1\tA\n2\t\xe9t\xe9\n".encode("latin-1"), GOOD_INTER, r"x.item: not UTF-8 text"),
         ("\ufeffitem_id:token\ttitle:token_seq\n1\tA\n2\tB\n".encode(), "\ufeff" + GOOD_INTER, None),  # a BOM is fine
+        (GOOD_ITEMS, "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t1700000000000\nu\t2\t10\n",
+         r"x.inter: timestamps mix units: line 2 has '1700000000000' \(in ms\) and line 3 '10'"),
+        (GOOD_ITEMS, "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t10\nu\t2\tinf\n", r"line 3: timestamp 'inf' is not a number"),
+        (GOOD_ITEMS, "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t10\nu\t2\t99999999999999999999\n",
+         r"line 3: timestamp '99999999999999999999' is past 2100 even in microseconds"),
+        (GOOD_ITEMS, "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t-5\nu\t2\t10\n",
+         r"line 2: timestamp '-5' is no time between 1970 and 2100 in s"),
     ],
 )
 def test_bad_input_names_the_problem_and_publishes_nothing(tmp_path, items, inter, message):
@@ -213,3 +220,16 @@ def test_a_root_the_os_refuses_and_ctrl_c_end_with_one_line(tmp_path, capsys):
     assert main("embed", interrupted, [f"root={tmp_path}"]) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("interrupted: what embed had published is kept") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("unit, raw, stored", [
+    ("auto", ["978300760", "978300761"], [978300760, 978300761]),  # seconds, as MovieLens has them
+    ("auto", ["1700000000123", "1700000001999"], [1700000000, 1700000001]),  # 13 digits: milliseconds
+    ("auto", ["1700000000123456", "1700000000999999"], [1700000000, 1700000000]),  # microseconds
+    ("ms", ["5000", "7999"], [5, 7]),  # told, not guessed
+])
+def test_timestamps_are_stored_in_seconds_whatever_their_unit(tmp_path, unit, raw, stored):
+    inter = "user_id:token\titem_id:token\ttimestamp:float\n" + "".join(f"u\t{i + 1}\t{t}\n" for i, t in enumerate(raw))
+    cfg = _cfg(tmp_path / "runs", name="t", source=str(_atomic(tmp_path / "src", GOOD_ITEMS, inter)), timestamp_unit=unit)
+    prepare(cfg)
+    assert storage.read_table(dataset_uri(cfg), "interactions").column("timestamp").to_pylist() == stored

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pandas as pd
 
 from llmemb_dist.data.catalog import ITEM_ID, TIMESTAMP, USER_ID, refuse_rows
@@ -21,15 +22,15 @@ from llmemb_dist.storage import DataError
 RECBOLE_PREFIX = "recbole:"
 
 
-def read_dataset(fmt: str, source: str, metadata: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_dataset(fmt: str, source: str, metadata: str = "", timestamp_unit: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame]:
     if fmt == "recbole":
-        return read_recbole(resolve_recbole_source(source))
+        return read_recbole(resolve_recbole_source(source), timestamp_unit)
     if fmt == "movielens_csv":
-        return read_movielens_csv(Path(source))
+        return read_movielens_csv(Path(source), timestamp_unit)
     if fmt == "amazon":
         if not metadata:
             raise DataError("dataset.metadata: the amazon format needs the metadata JSON lines file")
-        return read_amazon(Path(source), Path(metadata))
+        return read_amazon(Path(source), Path(metadata), timestamp_unit)
     raise DataError(f"dataset.format: unknown format {fmt!r}")
 
 
@@ -46,7 +47,7 @@ def resolve_recbole_source(source: str) -> Path:
 # ---------------------------------------------------------------- RecBole atomic files
 
 
-def read_recbole(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_recbole(folder: Path, timestamp_unit: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame]:
     inter_file = _one_file(folder, ".inter")
     item_file = _one_file(folder, ".item")
     items = _read_atomic(item_file)
@@ -56,7 +57,7 @@ def read_recbole(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     for col in (USER_ID, ITEM_ID, TIMESTAMP):
         if col not in inter.columns:
             raise DataError(f"{inter_file}: missing required column {col!r} (columns: {list(inter.columns)})")
-    inter[TIMESTAMP] = _int_timestamps(inter[TIMESTAMP], inter_file, first_line=2)
+    inter[TIMESTAMP] = _int_timestamps(inter[TIMESTAMP], inter_file, 2, timestamp_unit)
     return items, inter[[USER_ID, ITEM_ID, TIMESTAMP]]
 
 
@@ -93,17 +94,45 @@ def _read_atomic(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: not UTF-8 text (at byte {e.start}); re-encode the file as UTF-8") from None
 
 
-def _int_timestamps(values: pd.Series, source: Path, first_line: int) -> pd.Series:
+UNIT_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000}
+LATEST = 4_102_444_800  # 2100-01-01 in seconds: no interaction happens later
+MODERN = 100_000_000  # 1973 in seconds: a millisecond or microsecond clock of real events is past it
+
+
+def _int_timestamps(values: pd.Series, source: Path, first_line: int, unit: str) -> pd.Series:
+    """Timestamps as int64 seconds (to the second) from `unit`; `auto` tells the unit by magnitude."""
     numeric = pd.to_numeric(values, errors="coerce")
-    refuse_rows(numeric.isna(),
+    refuse_rows(numeric.isna() | ~np.isfinite(numeric),
                 lambda row: f"{source}: line {row + first_line}: timestamp {values.iloc[row]!r} is not a number")
-    return numeric.astype("int64")
+    if unit == "auto":
+        unit = _timestamp_unit(numeric, values, source, first_line)
+    seconds = numeric / UNIT_PER_SECOND[unit]
+    refuse_rows((seconds < 0) | (seconds > LATEST),
+                lambda row: f"{source}: line {row + first_line}: timestamp {values.iloc[row]!r} is no time between 1970 "
+                            f"and 2100 in {unit} (dataset.timestamp_unit={unit})")
+    return np.floor(seconds).astype("int64")
+
+
+def _timestamp_unit(numeric: pd.Series, values: pd.Series, source: Path, first_line: int) -> str:
+    """The coarsest unit that puts the latest timestamp before 2100; a finer one needs every timestamp past
+    1973 in it, or the column mixes units (or counts something other than time) and is refused."""
+    latest = int(numeric.to_numpy().argmax())
+    unit = next((u for u, per in UNIT_PER_SECOND.items() if numeric.iloc[latest] / per <= LATEST), None)
+    if unit is None:
+        raise DataError(f"{source}: line {latest + first_line}: timestamp {values.iloc[latest]!r} is past 2100 even "
+                        "in microseconds; set dataset.timestamp_unit if it is a time")
+    if unit != "s":
+        early = numeric / UNIT_PER_SECOND[unit] < MODERN
+        refuse_rows(early, lambda row: f"{source}: timestamps mix units: line {latest + first_line} has "
+                                       f"{values.iloc[latest]!r} (in {unit}) and line {row + first_line} "
+                                       f"{values.iloc[row]!r}; set dataset.timestamp_unit (s, ms or us)")
+    return unit
 
 
 # ---------------------------------------------------------------- MovieLens CSV
 
 
-def read_movielens_csv(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_movielens_csv(folder: Path, timestamp_unit: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame]:
     movies_file, ratings_file, tags_file = folder / "movies.csv", folder / "ratings.csv", folder / "tags.csv"
     for f in (movies_file, ratings_file):
         if not f.is_file():
@@ -123,7 +152,7 @@ def read_movielens_csv(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         items["tags"] = items[ITEM_ID].map(folded).fillna("")
     ratings = _read_csv(ratings_file, ["userId", "movieId", "timestamp"])
     inter = pd.DataFrame({USER_ID: ratings["userId"], ITEM_ID: ratings["movieId"]})
-    inter[TIMESTAMP] = _int_timestamps(ratings["timestamp"], ratings_file, first_line=2)
+    inter[TIMESTAMP] = _int_timestamps(ratings["timestamp"], ratings_file, 2, timestamp_unit)
     return items, inter
 
 
@@ -143,7 +172,7 @@ def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
 # ---------------------------------------------------------------- Amazon reviews + metadata (2014 and 2018)
 
 
-def read_amazon(reviews_file: Path, meta_file: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_amazon(reviews_file: Path, meta_file: Path, timestamp_unit: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame]:
     rows = []
     for line_no, rec in _json_lines(reviews_file):
         missing = [k for k in ("reviewerID", "asin", "unixReviewTime") if k not in rec]
@@ -151,7 +180,7 @@ def read_amazon(reviews_file: Path, meta_file: Path) -> tuple[pd.DataFrame, pd.D
             raise DataError(f"{reviews_file}: line {line_no}: missing field {missing[0]!r}")
         rows.append((rec["reviewerID"], rec["asin"], rec["unixReviewTime"]))
     inter = pd.DataFrame(rows, columns=[USER_ID, ITEM_ID, TIMESTAMP]).astype({USER_ID: str, ITEM_ID: str})
-    inter[TIMESTAMP] = _int_timestamps(inter[TIMESTAMP].astype(str), reviews_file, first_line=1)
+    inter[TIMESTAMP] = _int_timestamps(inter[TIMESTAMP].astype(str), reviews_file, 1, timestamp_unit)
 
     items = []
     for line_no, rec in _json_lines(meta_file):

@@ -30,9 +30,8 @@ def prepare(cfg: Config, overwrite: bool = False) -> str:
     ):
         return uri
     with tempfile.TemporaryDirectory() as tmp:
-        items, inter = read_dataset(
-            cfg.dataset.format, _local(cfg.dataset.source, tmp), _local(cfg.dataset.metadata, tmp)
-        )
+        items, inter = read_dataset(cfg.dataset.format, _local(cfg.dataset.source, tmp), _local(cfg.dataset.metadata, tmp),
+                                    cfg.dataset.timestamp_unit)
     source = cfg.dataset.source
     validate_catalog(items, f"{source} (items)")
     validate_interactions(inter, set(items[ITEM_ID]), f"{source} (interactions)")
