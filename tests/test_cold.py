@@ -12,7 +12,7 @@ from llmemb_dist.config import EvalConfig, load_config
 from llmemb_dist.data.cold import choose_cold, cold_split
 from llmemb_dist.data.embeddings import embeddings_table, vectors_of
 from llmemb_dist.data.sequences import Sequences, train_inputs
-from llmemb_dist.layout import dataset_uri, embeddings_uri, rat_result_uri
+from llmemb_dist.layout import dataset_uri, embeddings_uri
 from llmemb_dist.srs.placement import ItemPlacement
 from llmemb_dist.stages.adapt.driver import adapt
 from llmemb_dist.stages.prepare.driver import prepare

@@ -65,46 +65,9 @@ def test_argv_split_and_round_trip(tmp_path):
     assert config_hash(load_config(None, ["scft.steps=12"])) != config_hash(cfg)
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [("scft.steps=0", "'scft.steps' must be at least 1, got 0"),
-     ("scft.zero_stage=4", "'scft.zero_stage' must be one of [0, 1, 2, 3], got 4"),
-     ("scft.zero_stage=true", "'scft.zero_stage' must be one of [0, 1, 2, 3], got True"),
-     ("scft.batch_size=1", "'scft.batch_size' must be at least 2, got 1"),
-     ("scft.lr=0", "'scft.lr' must be greater than 0, got 0.0"),
-     ("rat.dropout=1", "'rat.dropout' must be in [0, 1), got 1.0"),
-     ("rat.eval.head_fraction=0", "'rat.eval.head_fraction' must be in (0, 1), got 0.0"),
-     ("dataset.max_items=-5", "'dataset.max_items' must be at least 0, got -5"),
-     ("rat.epochs=0", "'rat.epochs' must be at least 1, got 0"),
-     ("scft.temperature_init=2", "scft.temperature_init 2.0 must lie in [scft.temperature_min 0.01"),
-     ("rat.eval.ks=[0, 10]", "rat.eval.ks must be a non-empty list of cut-offs of at least 1")],
-)
-def test_out_of_range_values_are_refused_on_load_by_name(override, message):
-    with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
-    assert message in str(err.value)
-
-
 def test_every_default_is_in_range():
     assert load_config(None) == Config()
     assert load_config(REPO / "configs" / "default.yaml").scft.zero_stage == 2
-
-
-@pytest.mark.parametrize("override,message", [
-    ("dataset.name=../../../escaped", "'dataset.name' must be a name"),
-    ("scft.run=a/b", "'scft.run' must be a name"),
-    ("embed.version=.hidden", "'embed.version' must be a name"),
-    ("rat.run=bad\nname", "'rat.run' must be a name"),
-    ("adapt.version=..", "'adapt.version' must be a name"),
-    ("adapt.incremental_from=x/../../y", "'adapt.incremental_from' must be a name"),
-    ("root=s3://", "names no S3 bucket"),
-    ("root=s3:///prefix", "names no S3 bucket"),
-    ("rat.embeddings=s3://bucket/a/../b", "'..' segment"),
-    ("root=ftp://host/x", "unknown URI scheme"),
-])
-def test_names_that_would_leave_the_root_and_bad_uris_are_refused_by_key(override, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
 
 
 def test_safe_names_uris_and_empty_optionals_are_accepted():

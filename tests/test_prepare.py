@@ -137,47 +137,6 @@ GOOD_ITEMS = "item_id:token\ttitle:token_seq\n1\tA\n2\tB\n"
 GOOD_INTER = "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t10\nu\t2\t11\n"
 
 
-@pytest.mark.parametrize(
-    "items, inter, message",
-    [
-        ("id:token\ttitle:token_seq\n1\tA\n", GOOD_INTER, r"x.item.*missing required column 'item_id'"),
-        ("item_id:token\ttitle:token_seq\n1\tA\n1\tB\n", GOOD_INTER, r"duplicate item_id '1' at row 1"),
-        ("item_id:token\ttitle:token_seq\n", GOOD_INTER, r"catalog is empty"),
-        ("item_id:token\n1\n2\n", GOOD_INTER, r"no attribute columns"),
-        (GOOD_ITEMS, "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t10\nu\t9\t11\n", r"row 1 names item '9'"),
-        (GOOD_ITEMS, "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t10\nu\t2\tyesterday\n", r"x.inter: line 3: timestamp 'yesterday'"),
-        (GOOD_ITEMS, "user_id:token\titem_id:token\nu\t1\n", r"x.inter: missing required column 'timestamp'"),
-        ("item_id:token\ttitle:token_seq\tgenre:token\n1\tA\t\n2\t \t\n", GOOD_INTER,
-         r"src \(items\): row 1 \(item '2'\) has every attribute \(title, genre\) empty"),
-        ("item_id:token\ttitle:token_seq\n1\tA\n2\t\xe9t\xe9\n".encode("latin-1"), GOOD_INTER, r"x.item: not UTF-8 text"),
-        ("\ufeffitem_id:token\ttitle:token_seq\n1\tA\n2\tB\n".encode(), "\ufeff" + GOOD_INTER, None),  # a BOM is fine
-        (GOOD_ITEMS, "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t1700000000000\nu\t2\t10\n",
-         r"x.inter: timestamps mix units: line 2 has '1700000000000' \(in ms\) and line 3 '10'"),
-        (GOOD_ITEMS, "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t10\nu\t2\tinf\n", r"line 3: timestamp 'inf' is not a number"),
-        (GOOD_ITEMS, "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t10\nu\t2\t99999999999999999999\n",
-         r"line 3: timestamp '99999999999999999999' is past 2100 even in microseconds"),
-        (GOOD_ITEMS, "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t-5\nu\t2\t10\n",
-         r"line 2: timestamp '-5' is no time between 1970 and 2100 in s"),
-    ],
-)
-def test_bad_input_names_the_problem_and_publishes_nothing(tmp_path, items, inter, message):
-    cfg = _cfg(tmp_path / "runs", name="bad", source=str(_atomic(tmp_path / "src", items, inter)))
-    if message is None:
-        prepare(cfg)
-        assert storage.read_table(dataset_uri(cfg), "catalog").column("item_id").to_pylist() == ["1", "2"]
-        return
-    with pytest.raises(DataError, match=message):
-        prepare(cfg)
-    assert not storage.is_published(dataset_uri(cfg))
-
-
-def test_k_core_that_leaves_nothing(tmp_path):
-    cfg = _cfg(tmp_path / "runs", name="bad", source=str(_atomic(tmp_path / "src", GOOD_ITEMS, GOOD_INTER)), k_core=3)
-    with pytest.raises(DataError, match="leaves no interactions"):
-        prepare(cfg)
-    assert not storage.is_published(dataset_uri(cfg))
-
-
 def test_launch_script_reports_errors_cleanly(tmp_path):
     import subprocess
     import sys
@@ -203,23 +162,6 @@ def test_raw_files_on_s3_are_imported(tmp_path, s3_root):
     with pytest.raises(DataError, match="dataset.source: no such file"):
         prepare(_cfg(s3_root, name="amz2", format="amazon", source=storage.join(raw, "absent.json"),
                      metadata=storage.join(raw, "meta_Beauty.json")))
-
-
-def test_a_root_the_os_refuses_and_ctrl_c_end_with_one_line(tmp_path, capsys):
-    from llmemb_dist.cli import main
-
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    assert main("prepare", prepare, [f"root={blocker}/runs", "dataset.max_items=50"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "a-file" in err
-
-    def interrupted(cfg):
-        raise KeyboardInterrupt
-
-    assert main("embed", interrupted, [f"root={tmp_path}"]) == 130
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("interrupted: what embed had published is kept") and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("unit, raw, stored", [
