@@ -40,6 +40,10 @@ def atomic(folder: Path, items: str | bytes, inter: str | bytes) -> Path:
 
 
 CONFIG_CASES = [("scft.steps=0", "'scft.steps' must be at least 1, got 0"),
+     ("dataset.max_seq_len=-1", "'dataset.max_seq_len' must be at least 0, got -1"),
+     ("dataset.max_attr_chars=-3", "'dataset.max_attr_chars' must be at least 0, got -3"),
+     ("dataset.num_shards=0", "'dataset.num_shards' must be at least 1, got 0"),
+     ("dataset.timestamp_unit=ns", "'dataset.timestamp_unit' must be one of ['auto', 's', 'ms', 'us'], got 'ns'"),
      ("scft.zero_stage=4", "'scft.zero_stage' must be one of [0, 1, 2, 3], got 4"),
      ("scft.zero_stage=true", "'scft.zero_stage' must be one of [0, 1, 2, 3], got True"),
      ("scft.batch_size=1", "'scft.batch_size' must be at least 2, got 1"),
@@ -71,6 +75,7 @@ def test_config_values_are_refused_by_key_before_anything_runs(tmp_path, capsys,
 
 
 IMPORT_CASES = [
+    ("item_id:token\ttitle:text\n1\tA\n", GOOD_INTER, r"x.item: header field 1 \('title:text'\) has type 'text'"),
         ("id:token\ttitle:token_seq\n1\tA\n", GOOD_INTER, r"x.item.*missing required column 'item_id'"),
         ("item_id:token\ttitle:token_seq\n1\tA\n1\tB\n", GOOD_INTER, r"duplicate item_id '1' at row 1"),
         ("item_id:token\ttitle:token_seq\n", GOOD_INTER, r"catalog is empty"),

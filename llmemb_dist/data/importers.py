@@ -70,6 +70,9 @@ def _one_file(folder: Path, suffix: str) -> Path:
     return found[0]
 
 
+ATOMIC_TYPES = ("token", "token_seq", "float", "float_seq")  # RecBole's field types; every value is read as text
+
+
 def _read_atomic(path: Path) -> pd.DataFrame:
     """An atomic file: a tab-separated header of `name:type` fields; every value is read as text."""
     try:
@@ -79,9 +82,12 @@ def _read_atomic(path: Path) -> pd.DataFrame:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start} of the first line); re-encode the file as UTF-8") from None
     names = []
     for i, field in enumerate(header):
-        name, sep, _type = field.partition(":")
+        name, sep, kind = field.partition(":")
         if not sep:
             raise DataError(f"{path}: header field {i} ({field!r}) is not of the form name:type")
+        if kind not in ATOMIC_TYPES:
+            raise DataError(f"{path}: header field {i} ({field!r}) has type {kind!r}, which this importer cannot "
+                            f"read; RecBole atomic types are {', '.join(ATOMIC_TYPES)}")
         names.append(name)
     try:
         return pd.read_csv(
