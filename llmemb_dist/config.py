@@ -53,7 +53,7 @@ def bounded(default: float, *, low: float | None = None, high: float | None = No
 
 @dataclass
 class DatasetConfig:
-    name: str = name("ml-100k")
+    name: str = name("ml-100k")  # the dataset's name: it is published as <root>/datasets/<name>
     # recbole: atomic .inter/.item files; movielens_csv: GroupLens CSV; amazon: review + meta JSON lines
     format: Literal["recbole", "movielens_csv", "amazon"] = "recbole"
     # A folder (or for amazon the reviews file); "recbole:<name>" means the example shipped in the recbole wheel.
@@ -68,15 +68,15 @@ class DatasetConfig:
     # The unit of the source's timestamps; auto: seconds, milliseconds or microseconds by their magnitude
     # (a column that fits none, or mixes them, is refused). Stored as int64 seconds either way.
     timestamp_unit: Literal["auto", "s", "ms", "us"] = field(default="auto", metadata=ADDED)
-    num_shards: int = bounded(4, low=1)
+    num_shards: int = bounded(4, low=1)  # Parquet files per published table
 
 
 @dataclass
 class LoraConfig:
-    enabled: bool = True
-    r: int = bounded(8, low=1)
-    alpha: int = bounded(32, low=1)
-    dropout: float = bounded(0.1, low=0.0, high=1.0, high_open=True)
+    enabled: bool = True  # train a LoRA adapter (false: the base model stays as it is)
+    r: int = bounded(8, low=1)  # LoRA rank
+    alpha: int = bounded(32, low=1)  # LoRA scaling (alpha / r multiplies the update)
+    dropout: float = bounded(0.1, low=0.0, high=1.0, high_open=True)  # dropout on the LoRA input
     # "auto" picks the attention/MLP projections the model has (Llama: q,k,v,o,gate,up,down; BERT: query,key,value,dense).
     target_modules: list[str] = field(default_factory=lambda: ["auto"])
 
@@ -86,41 +86,46 @@ class ModelConfig:
     # A Hugging Face folder, a storage URI of one, a .gguf file, or a model a package ships: "minilm", "smollm2".
     path: str = "minilm"
     gguf_file: str = ""  # file name inside `path` when `path` is a folder holding GGUF files
-    pooling: Literal["mean", "last"] = "mean"
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
-    max_length: int = bounded(128, low=1)
+    pooling: Literal["mean", "last"] = "mean"  # mean over tokens (encoders), or the last token (decoders, as the paper)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # weights and compute precision
+    max_length: int = bounded(128, low=1)  # tokens per item prompt; longer prompts are cut
+    # the text before the item's attributes in every prompt
     instruction: str = "The item information is given as follows. Compress it into one embedding:"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
     cache_dir: str = "~/.cache/llmemb_dist/models"  # per-node copy of models fetched from storage
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
 class ScftConfig:
-    run: str = name("default")
-    num_workers: int = bounded(2, low=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = bounded(1.0, low=0.0, low_open=True)
-    zero_stage: ZeroStage = 2
-    offload_optimizer: bool = False
+    run: str = name("default")  # the SCFT run's name: <root>/scft/<run>
+    num_workers: int = bounded(2, low=1)  # Ray Train workers (one per GPU on a GPU cluster)
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = bounded(1.0, low=0.0, low_open=True)  # CPUs Ray reserves for each worker
+    zero_stage: ZeroStage = 2  # DeepSpeed ZeRO stage: 3 partitions parameters too (large models)
+    offload_optimizer: bool = False  # keep optimizer state in CPU memory (ZeRO-Offload)
     # items per worker per step; each item gives two views, and a contrastive batch needs negatives
     batch_size: int = bounded(16, low=2)
-    steps: int = bounded(100, low=1)
-    lr: float = bounded(2e-4, low=0.0, low_open=True)
-    weight_decay: float = bounded(0.0, low=0.0)
-    warmup_steps: int = bounded(0, low=0)
+    steps: int = bounded(100, low=1)  # optimizer steps
+    lr: float = bounded(2e-4, low=0.0, low_open=True)  # peak learning rate
+    weight_decay: float = bounded(0.0, low=0.0)  # AdamW weight decay
+    warmup_steps: int = bounded(0, low=0)  # linear warm-up steps before the peak learning rate
+    # share of an item's attributes each augmented view drops
     drop_ratio: float = bounded(0.4, low=0.0, high=1.0, high_open=True)
+    # fresh: each view drops its own attributes; reference: as the official code
     augmentation: Literal["fresh", "reference"] = "fresh"
+    # infonce over both views and the gathered batch; reference: as the official code
     loss: Literal["infonce", "reference"] = "infonce"
+    # the contrastive loss's learnable temperature: start
     temperature_init: float = bounded(0.05, low=0.0, low_open=True)
-    temperature_min: float = bounded(0.01, low=0.0, low_open=True)
-    temperature_max: float = bounded(1.0, low=0.0, low_open=True)
-    gather_negatives: bool = True
-    checkpoint_every: int = bounded(50, low=1)
+    temperature_min: float = bounded(0.01, low=0.0, low_open=True)  # its lower bound
+    temperature_max: float = bounded(1.0, low=0.0, low_open=True)  # its upper bound
+    gather_negatives: bool = True  # use every worker's items as negatives (all-gather), not only the local batch
+    checkpoint_every: int = bounded(50, low=1)  # steps between checkpoints (what a failure can cost)
     max_failures: int = bounded(2, low=-1)  # -1 = retry without limit (Ray Train's convention)
     fail_at_step: int = bounded(-1, low=-1)  # fault injection: worker rank 0 raises once at this step; -1 = off
-    log_every: int = bounded(1, low=1)
-    seed: int = 42
+    log_every: int = bounded(1, low=1)  # steps between metrics lines
+    seed: int = 42  # seeds the data order, augmentation and dropout
 
     def __post_init__(self) -> None:
         if not self.temperature_min <= self.temperature_init <= self.temperature_max:
@@ -132,13 +137,13 @@ class ScftConfig:
 
 @dataclass
 class EmbedConfig:
-    version: str = name("default")
+    version: str = name("default")  # the embeddings version's name: <root>/embeddings/<version>
     # "auto": the adapter of scft.run if it is published, else the bare base model; "none": bare base model; or a URI.
     adapter: str = "auto"
-    batch_size: int = bounded(64, low=1)
-    num_actors: int = bounded(1, low=1)
-    cpus_per_actor: float = bounded(1.0, low=0.0)
-    gpus_per_actor: float = bounded(0.0, low=0.0)
+    batch_size: int = bounded(64, low=1)  # prompts per forward pass
+    num_actors: int = bounded(1, low=1)  # model actors (one per GPU on a GPU cluster)
+    cpus_per_actor: float = bounded(1.0, low=0.0)  # CPUs Ray reserves for each actor
+    gpus_per_actor: float = bounded(0.0, low=0.0)  # GPUs per actor (0: CPU)
     pca_dim: int = bounded(0, low=0)  # 0 = keep the model's dimension
     incremental_from: str = name("", empty=True)  # a previous version to reuse unchanged items from
     fail_actor_once: bool = False  # fault injection: one actor dies once mid-run
@@ -147,12 +152,12 @@ class EmbedConfig:
 
 @dataclass
 class EvalConfig:
-    num_negatives: int = bounded(100, low=1)
-    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    num_negatives: int = bounded(100, low=1)  # sampled protocol: items ranked against the true one
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])  # cut-offs of HR@k and NDCG@k
     # the most popular items (by training interactions) that count as head
     head_fraction: float = bounded(0.2, low=0.0, high=1.0, low_open=True, high_open=True)
     short_user_max_len: int = bounded(10, low=0)  # users with at most this many training events are "short"
-    seed: int = 42
+    seed: int = 42  # seeds the sampled negatives
     # which validation NDCG@10 early stopping watches: full ranking, the protocol a deployed recommender lives by
     select_protocol: Literal["sampled", "full"] = "full"
 
@@ -168,25 +173,25 @@ class ColdStartConfig:
     enabled: bool = False
     fraction: float = bounded(0.1, low=0.0, high=1.0, low_open=True, high_open=True)  # of the active items, seeded
     first_seen_after: float = bounded(0.0, low=0.0)  # > 0: the items first seen after this timestamp are cold instead
-    seed: int = 0
+    seed: int = 0  # seeds which items are cold
 
 
 @dataclass
 class RatConfig:
-    run: str = name("default")
+    run: str = name("default")  # the RAT run's name: <root>/rat/<run>
     embeddings: str = name("default", uri=True)  # an embeddings version under <root>/embeddings, or a URI
     embedding_dim: int = bounded(0, low=0)  # expected LLM embedding dimension; 0 = take it from the embeddings
-    backbone: Literal["sasrec", "bert4rec", "gru4rec"] = "sasrec"
+    backbone: Literal["sasrec", "bert4rec", "gru4rec"] = "sasrec"  # the sequential recommender
     # llm: LLMEmb (the paper's adapter); llm_id: adapted LLM vector + ID vector; llm_gate: the same with the ID
     # side gated by training popularity; id_llm_init: ID vectors started from the LLM table's PCA;
     # llm_frozen: PCA of the LLM table, nothing trained (srs/items.py)
     item_repr: Literal["id", "llm", "llm_id", "llm_gate", "id_llm_init", "llm_frozen"] = "llm_gate"
-    hidden: int = bounded(128, low=1)
-    layers: int = bounded(2, low=1)
-    heads: int = bounded(1, low=1)
-    dropout: float = bounded(0.5, low=0.0, high=1.0, high_open=True)
-    max_len: int = bounded(200, low=2)
-    adapter_hidden: int = bounded(768, low=1)
+    hidden: int = bounded(128, low=1)  # item and user vector size
+    layers: int = bounded(2, low=1)  # transformer blocks (SASRec, Bert4Rec) or GRU layers
+    heads: int = bounded(1, low=1)  # attention heads
+    dropout: float = bounded(0.5, low=0.0, high=1.0, high_open=True)  # dropout in the backbone
+    max_len: int = bounded(200, low=2)  # most recent items of a user's history the model reads
+    adapter_hidden: int = bounded(768, low=1)  # width of the adapter between the LLM vector and the recommender
     # llm_gate: the chance that training drops an item's ID side where it appears, so that the LLM side
     # alone ranks items too, as it must for items that arrive after training (srs/items.py)
     id_dropout: float = bounded(0.0, low=0.0, high=1.0, high_open=True, added=True)
@@ -194,16 +199,16 @@ class RatConfig:
     # sampled_softmax: shared in-batch + uniform negatives with the log-Q correction (srs/losses.py)
     loss: Literal["bce", "ce", "sampled_softmax"] = "ce"
     num_negatives: int = bounded(256, low=1)  # uniform negatives a batch shares (sampled_softmax)
-    alpha: float = bounded(0.01, low=0.0)
-    align_temperature: float = bounded(2.0, low=0.0, low_open=True)
+    alpha: float = bounded(0.01, low=0.0)  # weight of the alignment loss toward the collaborative SASRec; 0 = none
+    align_temperature: float = bounded(2.0, low=0.0, low_open=True)  # temperature of the alignment loss
     mask_prob: float = bounded(0.6, low=0.0, high=1.0, low_open=True, high_open=True)  # Bert4Rec
-    batch_size: int = bounded(128, low=1)
-    lr: float = bounded(1e-3, low=0.0, low_open=True)
-    epochs: int = bounded(200, low=1)
-    patience: int = bounded(20, low=1)
-    num_workers: int = bounded(1, low=1)
-    cpus_per_worker: float = bounded(1.0, low=0.0, low_open=True)
-    seed: int = 42
+    batch_size: int = bounded(128, low=1)  # sequences per step
+    lr: float = bounded(1e-3, low=0.0, low_open=True)  # Adam learning rate
+    epochs: int = bounded(200, low=1)  # most epochs
+    patience: int = bounded(20, low=1)  # epochs without a better validation NDCG@10 before stopping
+    num_workers: int = bounded(1, low=1)  # Ray Train workers (data parallel)
+    cpus_per_worker: float = bounded(1.0, low=0.0, low_open=True)  # CPUs (and torch threads) per worker
+    seed: int = 42  # seeds initial weights, data order and negatives
     eval: EvalConfig = field(default_factory=EvalConfig)
     cold: ColdStartConfig = field(default_factory=ColdStartConfig, metadata=ADDED)
 
@@ -211,11 +216,12 @@ class RatConfig:
 @dataclass
 class AdaptConfig:
     version: str = name("default")  # publishes <root>/adapted/<version>
-    embeddings: str = name("", empty=True, uri=True)  # a version under <root>/embeddings, or a URI; empty = embed.version
+    # a version under <root>/embeddings, or a URI; empty = embed.version
+    embeddings: str = name("", empty=True, uri=True)
     incremental_from: str = name("", empty=True)  # a previous adapted version to carry unchanged items over from
     batch_size: int = bounded(4096, low=1)  # items per transform call
-    num_actors: int = bounded(1, low=1)
-    cpus_per_actor: float = bounded(1.0, low=0.0, low_open=True)
+    num_actors: int = bounded(1, low=1)  # placement actors
+    cpus_per_actor: float = bounded(1.0, low=0.0, low_open=True)  # CPUs (and torch threads) per actor
     rows_per_file: int = bounded(100_000, low=1)  # rows per output Parquet file
 
 
@@ -235,7 +241,7 @@ class RayConfig:
 
 @dataclass
 class Config:
-    root: str = location("./runs")
+    root: str = location("./runs")  # where every stage publishes: a local folder or s3://bucket/prefix
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     scft: ScftConfig = field(default_factory=ScftConfig)
@@ -262,6 +268,40 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
     return _build(Config, raw, prefix="")
+
+
+def key_help() -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, meaning) of every config key; the meaning is the field's comment in
+    this file (beside it or just above it), so the help and the code cannot drift apart."""
+    import inspect
+
+    def comments(cls: type) -> dict[str, str]:
+        out, above = {}, []
+        for line in inspect.getsource(cls).splitlines()[1:]:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                above.append(stripped.lstrip("# "))
+                continue
+            match = re.match(r"\s*(\w+):", line)
+            if match and "=" in line:
+                beside = line.split("  # ", 1)[1] if "  # " in line else ""
+                out[match[1]] = " ".join(above + ([beside] if beside else []))
+            above = []
+        return out
+
+    def walk(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
+        hints, notes, rows = typing.get_type_hints(cls), comments(cls), []
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                rows += walk(tp, f"{prefix}{f.name}.")
+                continue
+            kind = (" | ".join(map(repr, typing.get_args(tp))) if typing.get_origin(tp) is Literal
+                    else getattr(tp, "__name__", str(tp)))
+            rows.append((prefix + f.name, kind, repr(_default(f)), notes.get(f.name, "")))
+        return rows
+
+    return walk(Config, "")
 
 
 def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:

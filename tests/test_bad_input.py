@@ -15,6 +15,10 @@ from llmemb_dist.cli import main
 from llmemb_dist.stages.prepare.driver import prepare
 from llmemb_dist.stages.rat.driver import rat
 
+from conftest import REPO
+
+CONFIG = str(REPO / "configs" / "default.yaml")
+
 GOOD_ITEMS = "item_id:token\ttitle:token_seq\n1\tA\n2\tB\n"
 GOOD_INTER = "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t10\nu\t2\t11\n"
 
@@ -70,7 +74,7 @@ CONFIG_CASES = [("scft.steps=0", "'scft.steps' must be at least 1, got 0"),
 @pytest.mark.parametrize("override, message", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
 def test_config_values_are_refused_by_key_before_anything_runs(tmp_path, capsys, override, message):
     root = tmp_path / "runs"
-    refused(capsys, main("prepare", prepare, [f"root={root}", override]), re.escape(message))
+    refused(capsys, main("prepare", prepare, [CONFIG, f"root={root}", override]), re.escape(message))
     assert published(tmp_path) == [] and not root.exists()
 
 
@@ -100,7 +104,7 @@ IMPORT_CASES = [
 @pytest.mark.parametrize("items, inter, message", IMPORT_CASES)
 def test_import_names_the_file_and_row_and_publishes_nothing(tmp_path, capsys, items, inter, message):
     source = atomic(tmp_path / "src", items, inter)
-    code = main("prepare", prepare, [f"root={tmp_path / 'runs'}", "dataset.name=bad", "dataset.format=recbole",
+    code = main("prepare", prepare, [CONFIG, f"root={tmp_path / 'runs'}", "dataset.name=bad", "dataset.format=recbole",
                                       f"dataset.source={source}"])
     if message is None:
         assert code == 0 and len(published(tmp_path)) == 1
@@ -111,7 +115,7 @@ def test_import_names_the_file_and_row_and_publishes_nothing(tmp_path, capsys, i
 
 def test_filters_that_leave_nothing(tmp_path, capsys):
     source = atomic(tmp_path / "src", GOOD_ITEMS, GOOD_INTER)
-    code = main("prepare", prepare, [f"root={tmp_path / 'runs'}", "dataset.format=recbole", f"dataset.source={source}",
+    code = main("prepare", prepare, [CONFIG, f"root={tmp_path / 'runs'}", "dataset.format=recbole", f"dataset.source={source}",
                                       "dataset.k_core=3"])
     refused(capsys, code, "leaves no interactions")
     assert published(tmp_path) == []
@@ -119,9 +123,9 @@ def test_filters_that_leave_nothing(tmp_path, capsys):
 
 def test_more_sampled_negatives_than_the_catalog_has(tmp_path, capsys):
     root = tmp_path / "runs"
-    assert main("prepare", prepare, [f"root={root}", "dataset.max_items=50"]) == 0
+    assert main("prepare", prepare, [CONFIG, f"root={root}", "dataset.max_items=50"]) == 0
     before = published(tmp_path)
-    code = main("rat", rat, [f"root={root}", "dataset.max_items=50", "rat.item_repr=id", "rat.eval.num_negatives=100"])
+    code = main("rat", rat, [CONFIG, f"root={root}", "dataset.max_items=50", "rat.item_repr=id", "rat.eval.num_negatives=100"])
     refused(capsys, code, r"rat.eval.num_negatives=100, but the catalog has 50 items")
     assert published(tmp_path) == before  # refused before Ray starts: only the dataset
 
@@ -129,11 +133,16 @@ def test_more_sampled_negatives_than_the_catalog_has(tmp_path, capsys):
 def test_a_root_the_os_refuses_and_ctrl_c_end_with_one_line(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    refused(capsys, main("prepare", prepare, [f"root={blocker}/runs", "dataset.max_items=50"]), "a-file")
+    refused(capsys, main("prepare", prepare, [CONFIG, f"root={blocker}/runs", "dataset.max_items=50"]), "a-file")
 
     def interrupted(cfg):
         raise KeyboardInterrupt
 
-    assert main("embed", interrupted, [f"root={tmp_path}"]) == 130
+    assert main("embed", interrupted, [CONFIG, f"root={tmp_path}"]) == 130
     err = capsys.readouterr().err.strip()
     assert err.splitlines()[-1].startswith("interrupted: what embed had published is kept") and "Traceback" not in err
+
+
+def test_a_missing_config_file_is_an_error_with_usage(tmp_path, capsys):
+    refused(capsys, main("pipeline", prepare, [f"root={tmp_path}"]), r"a config file is needed first: llmemb pipeline <config.yaml>")
+    assert published(tmp_path) == []
