@@ -323,14 +323,15 @@ def to_yaml(cfg: Any) -> str:
 def config_hash(section: Any) -> str:
     """A stable hash of a config (section); equal hashes mean an equal run. A key added after outputs were
     published (marked `ADDED`) counts only when it differs from its default, so those outputs stay valid."""
-    data = json.dumps(_hashed(section), sort_keys=True, default=str)
+    data = json.dumps(hashed(section), sort_keys=True, default=str)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
-def _hashed(value: Any) -> Any:
+def hashed(value: Any) -> Any:
+    """What of a config (section) identifies a run: its values, less the `ADDED` keys at their default."""
     if not dataclasses.is_dataclass(value):
         return value
-    return {f.name: _hashed(getattr(value, f.name)) for f in dataclasses.fields(value)
+    return {f.name: hashed(getattr(value, f.name)) for f in dataclasses.fields(value)
             if not (f.metadata.get("added") and getattr(value, f.name) == _default(f))}
 
 

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from llmemb_dist import layout, storage
-from llmemb_dist.config import Config, ConfigError, to_dict
+from llmemb_dist.config import Config, ConfigError, hashed, to_dict
 from llmemb_dist.data.catalog import attribute_columns
 from llmemb_dist.distributed import ray_train
 from llmemb_dist.distributed.cluster import init_ray
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def stage_hash(cfg: Config) -> str:
     """What the adapter depends on: the dataset, the model and the SCFT settings."""
-    data = json.dumps({k: to_dict(getattr(cfg, k)) for k in ("dataset", "model", "scft")}, sort_keys=True, default=str)
+    data = json.dumps({k: hashed(getattr(cfg, k)) for k in ("dataset", "model", "scft")}, sort_keys=True, default=str)
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
