@@ -11,12 +11,16 @@ the same YAML that would drift apart.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import yaml
+
+from llmemb_dist.config import ConfigError, bounded, load_typed
 
 HERE = Path(__file__).resolve().parent
 GPU = "nvidia.com/gpu"
@@ -53,10 +57,61 @@ sed -e "s/{VERSION_SLOT}/$version/g" -e "s/{PREVIOUS_SLOT}/$previous/g" -e "s/{A
 """
 
 
-def load_values(path: Path = HERE / "values.yaml") -> dict[str, Any]:
-    values = yaml.safe_load(Path(path).read_text())
+@dataclass
+class Pods:
+    """Ray worker pods of a stage: `workers` pods of `gpus_per_worker` GPUs, `cpu` and `memory` each."""
+
+    workers: int = bounded(1, low=0)
+    gpus_per_worker: int = bounded(0, low=0)
+    cpu: Union[int, str] = 8
+    memory: str = "32Gi"
+
+
+@dataclass
+class Head:
+    cpu: Union[int, str] = 8
+    memory: str = "64Gi"
+
+
+@dataclass
+class RatPods(Pods):
+    embeddings: str = ""  # the embeddings version RAT reads; empty: the config's rat.embeddings
+
+
+@dataclass
+class RefreshPods(Pods):
+    source: str = ""  # where the day's catalog lands, in the config's dataset.format
+    dataset_prefix: str = "catalog"  # each run imports it as dataset.name=<dataset_prefix>-<version>
+    schedule: str = "0 3 * * *"
+    time_zone: str = "Etc/UTC"
+    baseline_version: str = ""  # the embeddings version the first run re-embeds from; empty: all items
+
+
+@dataclass
+class Values:
+    namespace: str
+    image: str
+    ray_version: str
+    kubectl_image: str
+    bucket: str
+    prefix: str
+    config: str
+    s3_secret: str
+    aws_region: str
+    shm_size: str
+    head: Head
+    prepare: Pods
+    scft: Pods
+    rat: RatPods
+    refresh: RefreshPods
+
+
+def load_values(path: Path = HERE / "values.yaml", overrides: list[str] = ()) -> dict[str, Any]:
+    """The values file with `key=value` overrides, checked like the run config: an unknown key, a wrong
+    type or a value out of range is refused by name."""
+    values = dataclasses.asdict(load_typed(Values, path, overrides))
     if not LABEL_VALUE.match(values["refresh"]["baseline_version"]):
-        raise ValueError(f"{path}: refresh.baseline_version must be a valid label value (letters, digits, - _ .)")
+        raise ConfigError(f"{path}: refresh.baseline_version must be a valid label value (letters, digits, - _ .)")
     return values
 
 
@@ -311,8 +366,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Render the llmemb-dist KubeRay manifests to stdout.")
     parser.add_argument("target", choices=[*TARGETS, "all"])
     parser.add_argument("--values", type=Path, default=HERE / "values.yaml")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override values, e.g. scft.workers=4")
     args = parser.parse_args(argv)
-    sys.stdout.write(dump(render(args.target, load_values(args.values))))
+    try:
+        values = load_values(args.values, args.set)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(dump(render(args.target, values)))
     return 0
 
 

@@ -252,8 +252,8 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Reads a YAML config, applies `dotted.key=value` overrides, and type-checks every key."""
+def _raw(path: str | Path | None, overrides: list[str]) -> dict[str, Any]:
+    """The YAML file's mapping (empty without a file) with `dotted.key=value` overrides applied."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -267,7 +267,22 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
-    return _build(Config, raw, prefix="")
+    return raw
+
+
+def load_typed(cls: type, path: str | Path, overrides: list[str] = ()) -> Any:
+    """Any dataclass schema from a YAML file and overrides, checked as the run config is (unknown keys,
+    types, ranges, names), errors prefixed with the file: the Kubernetes values use it."""
+    raw = _raw(path, list(overrides))
+    try:
+        return _build(cls, raw, prefix="")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Reads a YAML config, applies `dotted.key=value` overrides, and type-checks every key."""
+    return _build(Config, _raw(path, list(overrides)), prefix="")
 
 
 def key_help() -> list[tuple[str, str, str, str]]:

@@ -29,6 +29,7 @@ KUBERNETES_VERSION = "1.30"  # the oldest release these manifests support (CronJ
 
 _spec = importlib.util.spec_from_file_location("k8s_render", REPO / "k8s" / "render.py")
 render = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = render  # its dataclasses resolve their annotations through sys.modules
 _spec.loader.exec_module(render)
 
 VALUES = render.load_values()
@@ -218,3 +219,18 @@ def test_cli_prints_the_manifests():
     out = subprocess.run([sys.executable, str(REPO / "k8s" / "render.py"), "all"],
                          capture_output=True, text=True, check=True).stdout
     assert list(yaml.safe_load_all(out)) == DOCS
+
+
+def test_values_are_checked_by_key_and_set_overrides_them(tmp_path, capsys):
+    assert render.main(["rat", "--set", "rat.workrs=2"]) == 2
+    assert "unknown config key 'rat.workrs'" in capsys.readouterr().err
+    assert render.main(["scft", "--set", "scft.workers=many"]) == 2
+    assert "'scft.workers' must be int, got str 'many'" in capsys.readouterr().err
+    broken = tmp_path / "values.yaml"
+    broken.write_text((REPO / "k8s" / "values.yaml").read_text().replace("bucket:", "buckett:"))
+    assert render.main(["all", "--values", str(broken)]) == 2
+    assert f"{broken}: unknown config key 'buckett'" in capsys.readouterr().err
+    assert render.main(["scft", "--set", "scft.workers=4", "bucket=other"]) == 0
+    (job,) = yaml.safe_load_all(capsys.readouterr().out)
+    assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 4
+    assert "root=s3://other/" in job["spec"]["entrypoint"]

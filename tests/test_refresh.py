@@ -25,6 +25,7 @@ from conftest import REPO, start_local_ray
 
 _spec = importlib.util.spec_from_file_location("k8s_render", REPO / "k8s" / "render.py")
 render = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = render  # its dataclasses resolve their annotations through sys.modules
 _spec.loader.exec_module(render)
 
 CONFIG = {
