@@ -121,6 +121,12 @@ class ScftConfig:
     temperature_min: float = bounded(0.01, low=0.0, low_open=True)  # its lower bound
     temperature_max: float = bounded(1.0, low=0.0, low_open=True)  # its upper bound
     gather_negatives: bool = True  # use every worker's items as negatives (all-gather), not only the local batch
+    # micro-batches per optimizer step; each is a contrastive batch of its own (its negatives are its items
+    # and the other workers'), so accumulation grows the update, not the negatives
+    grad_accumulation: int = bounded(1, low=1, added=True)
+    # a JSON or YAML file (path or URI) of DeepSpeed settings merged over ours; the keys this system must
+    # set itself are refused by name (README: DeepSpeed settings); empty = none
+    deepspeed: str = field(default="", metadata=ADDED)
     checkpoint_every: int = bounded(50, low=1)  # steps between checkpoints (what a failure can cost)
     max_failures: int = bounded(2, low=-1)  # -1 = retry without limit (Ray Train's convention)
     fail_at_step: int = bounded(-1, low=-1)  # fault injection: worker rank 0 raises once at this step; -1 = off

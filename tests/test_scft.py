@@ -105,10 +105,17 @@ def test_zero3_resumes_after_driver_restart_and_saves_the_engine_weights(ray_loc
 
 
 @pytest.mark.slow
-def test_minilm_fine_tunes_through_the_same_path(ray_local, s3_root, minilm_dir, tmp_path):
-    cfg = scft_config(s3_root, minilm_dir, "scft.zero_stage=2", "scft.augmentation=fresh", "scft.steps=6", "scft.checkpoint_every=6")
+def test_minilm_fine_tunes_through_the_same_path_with_accumulation_and_users_deepspeed_settings(
+        ray_local, s3_root, minilm_dir, tmp_path):
+    fragment = storage.join(s3_root, "ds.json")  # a fragment on storage, as a cluster's workers read it
+    storage.write_bytes(fragment, b'{"zero_optimization": {"reduce_bucket_size": 200000}, "gradient_clipping": 0.7}')
+    cfg = scft_config(s3_root, minilm_dir, "scft.zero_stage=2", "scft.augmentation=fresh", "scft.steps=6",
+                      "scft.checkpoint_every=6", "scft.grad_accumulation=2", f"scft.deepspeed={fragment}")
     prepare(cfg)
     scft(cfg)
+    deepspeed = storage.read_manifest(adapter_uri(cfg))["deepspeed"]
+    assert deepspeed["gradient_accumulation_steps"] == 2 and deepspeed["gradient_clipping"] == 0.7
+    assert deepspeed["zero_optimization"]["reduce_bucket_size"] == 200000
     metrics = published_metrics(cfg)
     assert [m["step"] for m in metrics] == list(range(1, 7))
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)

@@ -95,3 +95,26 @@ def test_deepspeed_config():
                                       use_gpu=True, warmup_steps=10))
     assert not gpu["optimizer"]["params"]["torch_adam"]  # DeepSpeed's CPU Adam for offload on GPUs
     assert gpu["scheduler"]["params"]["warmup_num_steps"] == 10
+
+
+def test_a_users_deepspeed_settings_merge_over_ours_and_our_keys_are_refused_by_name(tmp_path):
+    from llmemb_dist.stages.scft.model import engine_spec
+
+    fragment = tmp_path / "ds.yaml"
+    fragment.write_text("zero_optimization:\n  reduce_bucket_size: 12345\n  overlap_comm: true\ngradient_clipping: 0.5\n")
+    cfg = load_config(None, ["scft.zero_stage=3", f"scft.deepspeed={fragment}", "scft.grad_accumulation=4"])
+    merged = deepspeed_config(engine_spec(cfg))
+    zero = merged["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 12345 and zero["overlap_comm"] is True
+    assert zero["stage"] == 3 and zero["stage3_param_persistence_threshold"] == 0  # ours kept beside theirs
+    assert merged["gradient_clipping"] == 0.5 and merged["gradient_accumulation_steps"] == 4
+    for key, text in [("train_batch_size", "train_batch_size: 64\n"), ("zero_optimization.stage", "zero_optimization:\n  stage: 1\n"),
+                      ("bf16.enabled", "bf16: {enabled: true}\n")]:
+        fragment.write_text(text)
+        with pytest.raises(ConfigError, match=f"DeepSpeed setting '{key}' cannot be set here"):
+            engine_spec(cfg)
+    fragment.write_text("- not a mapping\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        engine_spec(cfg)
+    with pytest.raises(ConfigError, match="cannot read"):
+        engine_spec(load_config(None, [f"scft.deepspeed={tmp_path / 'absent.json'}"]))

@@ -31,6 +31,41 @@ class EngineSpec:
     offload_optimizer: bool = False
     use_gpu: bool = False
     gradient_clipping: float = 1.0
+    grad_accumulation: int = 1
+    user_config: str = "{}"  # JSON of a user's DeepSpeed settings, merged over ours (see `merge_user_config`)
+
+
+# Settings a user's DeepSpeed fragment may not change, and why: this system sets them from its own keys.
+OURS = {
+    "train_micro_batch_size_per_gpu": "it is scft.batch_size, the batch the data loader builds",
+    "train_batch_size": "it follows from scft.batch_size, scft.grad_accumulation and scft.num_workers",
+    "gradient_accumulation_steps": "it is scft.grad_accumulation, which the training loop follows",
+    "zero_optimization.stage": "it is scft.zero_stage, which model loading follows too",
+    "bf16.enabled": "it follows model.dtype",
+    "fp16.enabled": "it follows model.dtype",
+}
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def check_user_config(fragment: dict[str, Any], source: str) -> None:
+    """A fragment that sets one of OURS is refused by name before anything runs."""
+    for key in _flat(fragment):
+        if key in OURS:
+            raise ValueError(f"{source}: DeepSpeed setting {key!r} cannot be set here: {OURS[key]}")
+
+
+def merge_user_config(ours: dict[str, Any], fragment: dict[str, Any]) -> dict[str, Any]:
+    """`fragment` over `ours`, section by section (a nested mapping merges, anything else replaces)."""
+    out = dict(ours)
+    for key, value in fragment.items():
+        out[key] = merge_user_config(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def deepspeed_config(spec: EngineSpec, params: int = 0, trainable: int = 0) -> dict[str, Any]:
@@ -58,7 +93,7 @@ def deepspeed_config(spec: EngineSpec, params: int = 0, trainable: int = 0) -> d
         zero["reduce_bucket_size"] = min(trainable, 500_000_000)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": spec.micro_batch,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": spec.grad_accumulation,
         "gradient_clipping": spec.gradient_clipping,
         "optimizer": {
             "type": "AdamW",
@@ -77,7 +112,9 @@ def deepspeed_config(spec: EngineSpec, params: int = 0, trainable: int = 0) -> d
             "params": {"warmup_min_lr": 0.0, "warmup_max_lr": spec.lr, "warmup_num_steps": spec.warmup_steps,
                        "warmup_type": "linear"},
         }
-    return config
+    import json
+
+    return merge_user_config(config, json.loads(spec.user_config))
 
 
 @contextmanager

@@ -15,10 +15,12 @@ from pathlib import Path
 from llmemb_dist import layout, storage
 from llmemb_dist.config import Config, ConfigError, hashed, to_dict
 from llmemb_dist.data.catalog import attribute_columns
+from llmemb_dist.distributed import engine as ds_engine
 from llmemb_dist.distributed import ray_train
 from llmemb_dist.distributed.cluster import init_ray
 from llmemb_dist.llm.loading import base_model_info, resolve_model
 from llmemb_dist.plots import plt, save
+from llmemb_dist.stages.scft.model import engine_spec
 from llmemb_dist.stages.scft.worker import ADAPTER_DIR, METRICS_FILE, shard_name, train_worker
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,7 @@ def scft(cfg: Config) -> str:
     uri = layout.adapter_uri(cfg)
     if storage.already_published(uri, {"config_hash": stage_hash(cfg)}, "adapter", hint="use another scft.run"):
         return uri
+    engine_spec(cfg)  # a DeepSpeed fragment that cannot be used is refused before Ray starts
     init_ray(cfg.ray)
     shards = read_catalog_shards(cfg)
     s = cfg.scft
@@ -104,6 +107,7 @@ def publish_adapter(cfg: Config, source, checkpoint_uri: str) -> None:
         pub.info["steps"] = steps
         pub.info["final_loss"] = metrics[-1]["loss"]
         pub.info["workers"] = cfg.scft.num_workers
+        pub.info["deepspeed"] = ds_engine.deepspeed_config(engine_spec(cfg))  # what the engine ran with, before sizing
     log.info("published adapter %s (final loss %.4f after %d steps)", layout.adapter_uri(cfg), metrics[-1]["loss"], steps)
 
 

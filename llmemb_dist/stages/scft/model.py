@@ -2,12 +2,15 @@
 module, and the DeepSpeed engine settings it trains under."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
-from llmemb_dist.config import Config
+from llmemb_dist import storage
+from llmemb_dist.config import Config, ConfigError
 from llmemb_dist.distributed import engine as ds_engine
 from llmemb_dist.llm import losses
 from llmemb_dist.llm.loading import ItemEncoder, attach_lora, load_backbone, load_tokenizer, resolve_model
@@ -59,5 +62,23 @@ def engine_spec(cfg: Config) -> ds_engine.EngineSpec:
     return ds_engine.EngineSpec(
         zero_stage=s.zero_stage, dtype=cfg.model.dtype, micro_batch=s.batch_size, lr=s.lr,
         weight_decay=s.weight_decay, warmup_steps=s.warmup_steps, offload_optimizer=s.offload_optimizer,
-        use_gpu=s.use_gpu,
+        use_gpu=s.use_gpu, grad_accumulation=s.grad_accumulation, user_config=json.dumps(user_deepspeed_config(cfg)),
     )
+
+
+def user_deepspeed_config(cfg: Config) -> dict:
+    """The user's DeepSpeed fragment (scft.deepspeed), checked: a mapping that sets none of our keys."""
+    if not cfg.scft.deepspeed:
+        return {}
+    source = cfg.scft.deepspeed
+    try:
+        fragment = yaml.safe_load(storage.read_bytes(source).decode())  # JSON is YAML too
+    except (FileNotFoundError, storage.StorageError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"scft.deepspeed: cannot read {source} as JSON or YAML ({e})") from None
+    if not isinstance(fragment, dict):
+        raise ConfigError(f"scft.deepspeed: {source} must hold a mapping of DeepSpeed settings")
+    try:
+        ds_engine.check_user_config(fragment, source)
+    except ValueError as e:
+        raise ConfigError(f"scft.deepspeed: {e}") from None
+    return fragment

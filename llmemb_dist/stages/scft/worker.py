@@ -80,17 +80,22 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if step == s.fail_at_step and rank == 0 and not storage.exists(fault_marker):
             storage.write_bytes(fault_marker, b"")  # once per run, even if we resume before this step
             raise InjectedFault(f"scft.fail_at_step: injected failure at step {step}")
-        # LoRA dropout draws from torch's global generator, which a checkpoint does not hold: seeding it
-        # from (seed, rank, step) makes a resumed run draw the same masks as an uninterrupted one.
-        torch.manual_seed(s.seed * 1_000_003 + rank * 10_007 + step)
-        idx = batch_indices(len(items), s.batch_size, step, s.seed, rank)
-        prompts_a, prompts_b = views.prompts(idx, step)
-        view_a = {k: v.to(device) for k, v in tokenize(tokenizer, prompts_a, cfg.model.max_length).items()}
-        view_b = {k: v.to(device) for k, v in tokenize(tokenizer, prompts_b, cfg.model.max_length).items()}
-        loss, a, b, t = engine(view_a, view_b)
-        engine.backward(loss)
-        engine.step()
-        items_since += len(idx)
+        step_loss = 0.0
+        for micro in range(s.grad_accumulation):
+            # Micro-batch `batch` of the run: with no accumulation, the step itself.
+            batch = step * s.grad_accumulation + micro
+            # LoRA dropout draws from torch's global generator, which a checkpoint does not hold: seeding it
+            # from (seed, rank, batch) makes a resumed run draw the same masks as an uninterrupted one.
+            torch.manual_seed(s.seed * 1_000_003 + rank * 10_007 + batch)
+            idx = batch_indices(len(items), s.batch_size, batch, s.seed, rank)
+            prompts_a, prompts_b = views.prompts(idx, batch)
+            view_a = {k: v.to(device) for k, v in tokenize(tokenizer, prompts_a, cfg.model.max_length).items()}
+            view_b = {k: v.to(device) for k, v in tokenize(tokenizer, prompts_b, cfg.model.max_length).items()}
+            loss, a, b, t = engine(view_a, view_b)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed updates the weights at the last micro-batch of the step only
+            step_loss += loss.detach().float() / s.grad_accumulation
+            items_since += len(idx)
 
         done = step + 1
         save = done % s.checkpoint_every == 0 or done == s.steps
@@ -99,7 +104,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         now = time.perf_counter()
         metrics = {
             "step": done,
-            "loss": mean_over_workers(loss.detach().float(), worker.world),
+            "loss": mean_over_workers(step_loss, worker.world),
             "temperature": float(t.detach()),
             "alignment": losses.alignment(a, b),
             "uniformity": losses.uniformity(torch.cat([a, b])),
@@ -110,7 +115,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         t_last, items_since = now, 0
         history.append(metrics)
         if rank == 0:
-            eta = (s.steps - done) / max(metrics["items_per_s_per_worker"] / s.batch_size, 1e-9)
+            eta = (s.steps - done) / max(metrics["items_per_s_per_worker"] / (s.batch_size * s.grad_accumulation), 1e-9)
             log.info("step %d/%d loss %.4f t %.3f (ETA %.0f s)", done, s.steps, metrics["loss"], metrics["temperature"], eta)
         if save:
             _report_with_checkpoint(engine, metrics, history, rank, final=done == s.steps)
