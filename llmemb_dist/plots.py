@@ -9,6 +9,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def integer_ticks(ax, axis: str = "x") -> None:
+    """Epochs and steps are counts: no 2.5 on their axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+
+
 def save(fig, path: Path) -> None:
     """Writes the figure as a PNG (creating its folder) and frees it."""
     path.parent.mkdir(parents=True, exist_ok=True)

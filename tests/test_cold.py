@@ -106,6 +106,7 @@ def test_rat_with_a_cold_split_scores_cold_items_as_adapt_places_them(tmp_path, 
     metrics = json.loads(storage.read_bytes(storage.join(data, "report", "metrics.json")))
     cold_start = metrics["cold_start"]
     assert set(cold_start) == {"sasrec-id", "sasrec-llm_gate", "text-only"}
+    assert "report/cold_start.png" in storage.read_manifest(uri)["files"]
     for groups in cold_start.values():
         assert groups["cold"]["users"] == int(split.cold_target.sum()) > 0
         assert groups["overall"]["users"] == groups["warm"]["users"] + groups["cold"]["users"]

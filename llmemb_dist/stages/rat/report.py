@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmemb_dist.plots import plt, save
+from llmemb_dist.plots import integer_ticks, plt, save
 
 GROUPS = ("overall", "head", "tail", "short", "long")
 
@@ -58,9 +58,28 @@ def plot_head_tail(metrics: dict[str, Any], path: Path, metric: str = "NDCG@10")
             groups = metrics["variants"][variant]["test"][protocol]
             values = [groups[g][metric] for g in ("overall", "head", "tail")]
             ax.bar([x + i * width for x in range(3)], values, width, label=variant)
-        ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(3)], ["overall", "head", "tail"])
-        ax.set_title(f"test {metric}, {protocol} ranking")
+        sizes = metrics["variants"][variants[0]]["test"][protocol]
+        ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(3)],
+                      [f"{g}\n({sizes[g]['users']} users)" for g in ("overall", "head", "tail")])
+        ax.set_ylabel(f"test {metric}")
+        ax.set_title(f"test {metric} by target item group, {protocol} ranking")
         ax.legend()
+    save(fig, path)
+
+
+def plot_cold_start(cold_start: dict[str, dict[str, dict[str, float]]], path: Path, metric: str = "NDCG@10") -> None:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    models = list(cold_start)
+    groups = list(next(iter(cold_start.values())))
+    width = 0.8 / max(1, len(models))
+    for i, model in enumerate(models):
+        ax.bar([x + i * width for x in range(len(groups))], [cold_start[model][g][metric] for g in groups], width, label=model)
+    sizes = cold_start[models[0]]
+    ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(len(groups))],
+                  [f"{g}\n({sizes[g]['users']} users)" for g in groups])
+    ax.set_ylabel(f"test {metric}, full ranking")
+    ax.set_title("cold start: targets the recommender never trained on vs warm ones")
+    ax.legend()
     save(fig, path)
 
 
@@ -71,6 +90,8 @@ def plot_validation(metrics: dict[str, Any], path: Path) -> None:
         ax.plot([h["epoch"] for h in history], [h["valid_ndcg10"] for h in history], marker=".", label=variant)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation NDCG@10")
+    ax.set_title("validation NDCG@10 per epoch (early stopping watches it)")
+    integer_ticks(ax)
     ax.legend()
     save(fig, path)
 
@@ -87,8 +108,9 @@ def write_report(metrics: dict[str, Any], out_dir: Path) -> None:
         lines.append(f"- {variant}: best epoch {summary['best_epoch']} of {summary['epochs']}")
     lines += ["", metrics_markdown(metrics), "![head and tail](head_tail.png)", "", "![validation](valid_curve.png)", ""]
     if "cold_start" in metrics:
+        plot_cold_start(metrics["cold_start"], out_dir / "cold_start.png")
         lines += ["## Cold start: test, full ranking over warm and cold items\n",
                   "Cold items were held out of training and validation; their vectors are the adapt stage's "
                   "for items without interactions (ID-only: the untrained start of an ID vector).\n",
-                  cold_start_markdown(metrics["cold_start"]), ""]
+                  cold_start_markdown(metrics["cold_start"]), "", "![cold start](cold_start.png)", ""]
     (out_dir / "report.md").write_text("\n".join(lines))

@@ -19,7 +19,7 @@ from llmemb_dist.distributed import engine as ds_engine
 from llmemb_dist.distributed import ray_train
 from llmemb_dist.distributed.cluster import init_ray
 from llmemb_dist.llm.loading import base_model_info, resolve_model
-from llmemb_dist.plots import plt, save
+from llmemb_dist.plots import integer_ticks, plt, save
 from llmemb_dist.stages.scft.model import engine_spec
 from llmemb_dist.stages.scft.worker import ADAPTER_DIR, METRICS_FILE, shard_name, train_worker
 
@@ -116,5 +116,6 @@ def plot_loss(metrics: list[dict], path: Path) -> None:
     ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics])
     ax.set_xlabel("step")
     ax.set_ylabel("contrastive loss")
-    ax.set_title("SCFT loss")
+    ax.set_title("SCFT loss per step")
+    integer_ticks(ax)
     save(fig, path)
