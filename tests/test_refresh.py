@@ -81,7 +81,7 @@ def test_rendered_refresh_chain_imports_embeds_and_adapts_only_what_changed(s3_r
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)  # each command starts its own Ray, as on a fresh cluster
 
-    def run_refresh(version: str, previous: str, adapt_from: str) -> str:
+    def run_refresh(version: str, previous: str, adapt_from: str) -> None:
         """Fills the template's slots as the CronJob pod's sed does and runs the entrypoint in a shell."""
         text = template
         for slot, value in ((render.VERSION_SLOT, version), (render.PREVIOUS_SLOT, previous),
@@ -90,7 +90,6 @@ def test_rendered_refresh_chain_imports_embeds_and_adapts_only_what_changed(s3_r
         command = yaml.safe_load(text)["spec"]["entrypoint"]
         out = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        return out.stdout + out.stderr
 
     def day(version: str):
         return load_config(config_file, [f"root={s3_root}", f"dataset.name=catalog-{version}", f"embed.version={version}",
@@ -122,8 +121,5 @@ def test_rendered_refresh_chain_imports_embeds_and_adapts_only_what_changed(s3_r
     assert sorted(adapted3) == sorted(titles3)
     assert all(np.array_equal(adapted3[item], adapted2[item]) for item in adapted2 if item != "t10")
 
-    # The same run again (a retried RayJob): every step finds its output published and does nothing.
-    published = [storage.read_manifest(u)["data_dir"] for u in (dataset_uri(day3), embeddings_uri(day3, "day3"), adapted_uri(day3))]
-    log = run_refresh("day3", "day2", "day2")
-    assert [storage.read_manifest(u)["data_dir"] for u in (dataset_uri(day3), embeddings_uri(day3, "day3"), adapted_uri(day3))] == published
-    assert log.count("nothing to do") >= 3
+    # A retried RayJob finds every step published and does nothing: each stage's rerun test shows it
+    # (test_prepare, test_embed, test_adapt); not repeated here, where it would cost three more processes.
