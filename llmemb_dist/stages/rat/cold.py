@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from llmemb_dist.config import EvalConfig, RatConfig
 from llmemb_dist.data.cold import ColdSplit
@@ -23,9 +24,10 @@ TEXT_ONLY = "text-only"
 
 
 def untrained_vectors(count: int, hidden: int, num_items: int, seed: int) -> torch.Tensor:
-    """What an ID table holds for items it never trained: its xavier-normal start (srs/items.py IdItems)."""
-    std = (2.0 / (num_items + 1 + hidden)) ** 0.5
-    return torch.randn(count, hidden, generator=torch.Generator().manual_seed(seed)) * std
+    """What an ID table holds for items it never trained: the start IdItems gives its whole table."""
+    table = torch.empty(num_items + 1, hidden)
+    nn.init.xavier_normal_(table, generator=torch.Generator().manual_seed(seed))
+    return table[len(table) - count:]  # the cold items are the last rows of the test index
 
 
 def cold_item_vectors(placement: ItemPlacement | None, split: ColdSplit, raw_cold: np.ndarray | None,
