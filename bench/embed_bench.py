@@ -22,7 +22,7 @@ from llmemb_dist import storage
 from llmemb_dist.config import load_config, to_dict
 from llmemb_dist.data.catalog import TEXT_HASH, attribute_columns, catalog_table, item_attributes, render_prompt
 from llmemb_dist.stages.embed.driver import embed
-from llmemb_dist.llm.loading import ItemEncoder, load_backbone, load_tokenizer, resolve_model, tokenize
+from llmemb_dist.llm.loading import PooledEncoder, load_backbone, load_tokenizer, resolve_model, tokenize
 from llmemb_dist.layout import dataset_uri
 from llmemb_dist.stages.prepare.driver import prepare
 
@@ -71,7 +71,7 @@ def main() -> None:
     source = resolve_model(cfg.model)
     tok = load_tokenizer(source)
     backbone = load_backbone(source, cfg.model).eval()
-    encoder = ItemEncoder(backbone, cfg.model.pooling)
+    encoder = PooledEncoder(backbone, cfg.model.pooling)
     lengths = [len(x) for x in tok(prompts, truncation=True, max_length=cfg.model.max_length)["input_ids"]]
     flops = forward_flops(backbone, lengths)
 

@@ -52,7 +52,8 @@ from llmemb_dist.stages.embed.actor import EmbedActor
 from llmemb_dist.stages.rat.evaluate import GROUPS, PROTOCOLS
 from llmemb_dist.layout import dataset_uri
 from llmemb_dist.stages.prepare.driver import prepare
-from llmemb_dist.srs.placement import ItemPlacement
+from llmemb_dist.srs.placement import NEW_ITEM_SCALE, ItemPlacement
+from llmemb_dist.stages.rat.calibrate import new_item_scale
 from llmemb_dist.stages.rat.cold import COLD_GROUPS, TEXT_ONLY, cold_start_report
 from llmemb_dist.stages.rat.inputs import load_cold_split, load_sequences
 from llmemb_dist.stages.rat.trainer import fit
@@ -214,6 +215,8 @@ def train_cell(cfg: Config, data, backbone: str, variant: str, llm: np.ndarray |
             with torch.no_grad():
                 placement = ItemPlacement(model.items, {"item_repr": item_repr}, data.item_ids, [""] * data.num_items,
                                           model.items.table())
+            placement.spec[NEW_ITEM_SCALE] = summary["new_item_scale"] = new_item_scale(
+                model, placement, data, llm, cfg.rat.max_len, cfg.rat.new_item_exposure, cfg.rat.seed)
         summary["cold_start"] = cold_start_report(cfg.rat, split, {"model": (model, placement)}, llm_all)
     return model, summary
 
@@ -231,7 +234,7 @@ def pending_cells(args: argparse.Namespace, cells: dict, tag: str, dataset: str,
     """(model, backbone, variant) of the grid's cells for this dataset and seed that no cells file holds yet."""
     return [(m, b, v) for m in args.models for b in args.backbones for v in args.variants
             if wanted(m, b, v, args.models[0], args.scft_models) and in_budget(args, m, dataset)
-            and cell_key(tag, dataset, m, b, v, seed) not in cells]
+            and (args.redo or cell_key(tag, dataset, m, b, v, seed) not in cells)]
 
 
 def needs_collaborative_run(args: argparse.Namespace, pending: list[tuple[str, str, str]], srs_path: Path) -> bool:
@@ -277,7 +280,8 @@ def run(args: argparse.Namespace, command: str) -> None:
             srs_path = srs_file(tag, dataset, seed)
             id_key = cell_key(tag, dataset, args.models[0], "sasrec", "id", seed)
             pending = pending_cells(args, cells, tag, dataset, seed)
-            if needs_collaborative_run(args, pending, srs_path):
+            collaborative = needs_collaborative_run(args, pending, srs_path)
+            if collaborative:
                 log.info("cell %s", id_key)
                 collab, summary = train_cell(cfg, data, "sasrec", "id", None, None, args.cell_minutes * 60, split)
                 srs_path.parent.mkdir(parents=True, exist_ok=True)
@@ -285,7 +289,7 @@ def run(args: argparse.Namespace, command: str) -> None:
                 save(id_key, summary)
             for model_name, backbone, variant in pending:
                 key = cell_key(tag, dataset, model_name, backbone, variant, seed)
-                if key in cells:  # the baseline just trained above
+                if key == id_key and collaborative:  # the baseline just trained above
                     continue
                 cfg = base_config(dataset, model_name, setting, seed_args + VARIANTS[variant][1])
                 llm = None if variant == "id" else llm_table(cfg, dataset, model_name, table_ids, VARIANTS[variant][2])
@@ -314,7 +318,8 @@ def grid_tasks(args: argparse.Namespace) -> list[Task]:
     size = {d: sum(map(len, load_sequences(base_config(d, "minilm", setting, args.set)).seqs)) for d in args.datasets}
     common = ["--scft-models", *args.scft_models, "--threads", "1", "--cell-minutes", str(args.cell_minutes)]
     common += ["--no-model-budget"] if args.no_model_budget else []
-    common += (["--quick"] if args.quick else []) + (["--set", *args.set] if args.set else [])
+    common += (["--quick"] if args.quick else []) + (["--redo"] if args.redo else [])
+    common += ["--set", *args.set] if args.set else []
     ranked = []
     for dataset in args.datasets:
         for seed in args.seeds:
@@ -381,8 +386,8 @@ def run_jobs(args: argparse.Namespace, command: str) -> None:
     record = {"command": command, "jobs": args.jobs, "cells_trained": len(done), "failed": failed,
               "wall_seconds": time.perf_counter() - started, "code": cell_commit(), "machine": MACHINE,
               "finished": time.strftime("%Y-%m-%d %H:%M")}
-    runs = json.loads(RUNS_FILE.read_text()) if RUNS_FILE.exists() else []
-    RUNS_FILE.write_text(json.dumps(runs + [record], indent=1))
+    RUNS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    RUNS_FILE.write_text(json.dumps(recorded_runs() + [record], indent=1))
     write_results(all_cells())
     if failed:
         raise SystemExit(f"{len(failed)} cells failed or were skipped: {', '.join(failed)}")
@@ -398,10 +403,20 @@ def write_atomic(path: Path, text: str) -> None:
     staged.replace(path)
 
 
+def published() -> dict:
+    """What bench/results/quality.json holds: the cells and runs of earlier sittings, on any machine."""
+    path = RESULTS / "quality.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def recorded_runs() -> list[dict]:
+    return json.loads(RUNS_FILE.read_text()) if RUNS_FILE.exists() else published().get("runs", [])
+
+
 def all_cells() -> dict:
-    """Every finished cell, from every cells file (parallel runs each write their own); where two files hold
-    the same cell, the newer file's measurement wins."""
-    cells: dict = {}
+    """Every finished cell: the published ones (a fresh checkout resumes the grid), then every cells file
+    (parallel runs each write their own); where two hold the same cell, the newer measurement wins."""
+    cells: dict = dict(published().get("cells", {}))
     for f in sorted(CACHE.glob("quality_cells*.json"), key=lambda f: f.stat().st_mtime):
         cells.update(json.loads(f.read_text()))
     return cells
@@ -430,6 +445,8 @@ def aggregate(cells: dict) -> dict:
                   "machines": sorted({r.get("machine", "not recorded") for r in runs}),
                   "code": sorted({r.get("code", "not recorded (before 5f54d24)") for r in runs})}
         if all("cold_start" in r for r in runs):  # {"model" or "text-only": {group: {metric: mean over seeds}}}
+            # cells from before the new-item calibration (stages/rat/calibrate.py) placed new items unscaled
+            out[k]["new_item_scales"] = [r.get("new_item_scale", 1.0) for r in runs]
             out[k]["cold_start"] = {
                 source: {g: {"users": groups[g]["users"],
                              **{m: float(np.mean([r["cold_start"][source][g][m] for r in runs])) for m in METRICS}}
@@ -504,15 +521,16 @@ def cold_start_rows(agg: dict, setting: str, dataset: str) -> list[str]:
         aim = "" if variant == "id" else (
             f"{times(cold / warm_tail) if warm_tail else times(math.inf if cold else math.nan)} "
             f"{'met' if warm_tail and cold / warm_tail >= COLD_AIM else 'NOT met'}")
+        scales = "" if variant == "id" else "/".join(f"{x:.2f}" for x in v["new_item_scales"])
         lines.append(f"| {backbone} | {variant} ({model}) | {v['seeds']} | {own['warm']['NDCG@10']:.4f} | {warm_tail:.4f} | "
-                     f"{cold:.4f} | {own['cold']['HR@10']:.4f} | {own['cold']['users']} | {aim} | "
+                     f"{cold:.4f} | {own['cold']['HR@10']:.4f} | {own['cold']['users']} | {aim} | {scales} | "
                      f"{'' if text is None else f'{text:.4f}'} |")
     return lines
 
 
 def write_results(cells: dict) -> None:
     agg = aggregate(cells)
-    runs = json.loads(RUNS_FILE.read_text()) if RUNS_FILE.exists() else []
+    runs = recorded_runs()
     RESULTS.mkdir(exist_ok=True)
     write_atomic(RESULTS / "quality.json", json.dumps(
         {"cells": cells, "aggregate": {"|".join(k): v for k, v in agg.items()}, "settings": SETTINGS, "runs": runs},
@@ -560,11 +578,12 @@ def write_results(cells: dict) -> None:
             lines += ["", "Cold start (`rat.cold`: items held out of every training and validation sequence; test users",
                       "whose next item is cold are ranked over all items, under full ranking; a cold item's vector is what",
                       "the adapt stage gives an item without interactions, for ID-only the untrained start of an ID",
-                      "vector). Aim: an LLM variant's cold NDCG@10 at least "
+                      "vector; the new-item scale per seed is RAT's calibration, stages/rat/calibrate.py). Aim: an LLM variant's cold NDCG@10 at least "
                       f"{COLD_AIM}x its own warm tail-item NDCG@10. Text-only: cosine of the LLM vectors to the user's",
                       "last item, over the same embeddings. The tables below it are the warm split's leave-one-out test.", "",
                       "| backbone | variant | n | warm NDCG@10 | warm tail NDCG@10 | cold NDCG@10 | cold HR@10 | cold users | "
-                      "cold / warm tail | text-only cold NDCG@10 |", "|---|---|---|---|---|---|---|---|---|---|"]
+                      "cold / warm tail | new-item scale | text-only cold NDCG@10 |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
             lines += cold_rows
         lines += ["", "NDCG@10 relative to ID-only on the same backbone, full ranking (sampled in brackets):", "",
                   "| backbone | variant | overall | head | tail |", "|---|---|---|---|---|"]
@@ -638,6 +657,8 @@ def main() -> None:
                         help="the cold-start split (rat.cold.enabled=true): its own cells, with cold-item figures")
     parser.add_argument("--no-model-budget", action="store_true",
                         help="every base model on every dataset (MODEL_BUDGET limits the costlier ones' datasets)")
+    parser.add_argument("--redo", action="store_true",
+                        help="retrain this run's cells even where a measurement exists (after a change that alters them)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="train this many cells at once, each on one thread (2 on a 2-core machine)")
     args = parser.parse_args()

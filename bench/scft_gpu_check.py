@@ -6,7 +6,7 @@
 The device machine has no Ray (its wheel is too large to carry), so this drives the project's
 own worker pieces directly: stages.scft.model.build_contrastive_model (LoRA + ContrastiveModel, partitioned load
 under ZeRO-3), distributed/engine.py (DeepSpeed ZeRO-2 and ZeRO-3, world size 1), the InfoNCE
-loss, gradient checkpointing, and llm/loading.ItemEncoder for the embedding forward. The model
+loss, gradient checkpointing, and llm/loading.PooledEncoder for the embedding forward. The model
 is a random Llama built here; the tokenizer is a byte-level BPE trained here on the prompts; the
 prompts are synthetic catalog items (~150 tokens) rendered by data/catalog.render_prompt: no download.
 
@@ -38,7 +38,7 @@ import torch.distributed as dist  # noqa: E402
 from llmemb_dist.config import Config, load_config  # noqa: E402
 from llmemb_dist.data.catalog import render_prompt  # noqa: E402
 from llmemb_dist.distributed import engine as ds_engine  # noqa: E402
-from llmemb_dist.llm.loading import ItemEncoder, load_backbone, resolve_model, tokenize  # noqa: E402
+from llmemb_dist.llm.loading import PooledEncoder, load_backbone, resolve_model, tokenize  # noqa: E402
 from llmemb_dist.stages.scft.batches import Views, batch_indices  # noqa: E402
 from llmemb_dist.stages.scft.model import build_contrastive_model, engine_spec  # noqa: E402
 
@@ -135,9 +135,9 @@ def train(cfg: Config, items, args) -> dict:
 
 @torch.inference_mode()
 def embed(cfg: Config, prompts: list[str], tokenizer, args) -> dict:
-    """Items/s of the catalog embedding forward (ItemEncoder, no LoRA: the same FLOPs)."""
+    """Items/s of the catalog embedding forward (PooledEncoder, no LoRA: the same FLOPs)."""
     device = "cpu" if args.cpu else "cuda"
-    encoder = ItemEncoder(load_backbone(resolve_model(cfg.model), cfg.model), cfg.model.pooling).to(device).eval()
+    encoder = PooledEncoder(load_backbone(resolve_model(cfg.model), cfg.model), cfg.model.pooling).to(device).eval()
     batch, done, tokens = args.embed_batch, 0, 0
     for i in range(0, len(prompts), batch):
         if i == batch:  # the first batch warms up

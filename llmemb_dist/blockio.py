@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from llmemb_dist import storage
 from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH
+from llmemb_dist.progress import Progress
 
 CHECKSUM_ROWS = 65_536
 
@@ -89,11 +90,20 @@ def write_block(batch: pa.Table, folder_uri: str) -> pa.Table:
     return pa.table({"file": [name], "rows": pa.array([batch.num_rows], pa.int64()), "checksum": pa.array([checksum], pa.uint64())})
 
 
-def write(dataset, folder: str, rows_per_file: int) -> list[dict]:
-    """Writes the dataset as content-named Parquet files; returns one record per distinct file."""
-    records = dataset.map_batches(write_block, fn_kwargs={"folder_uri": folder}, batch_size=rows_per_file, batch_format="pyarrow").take_all()
-    # A block written twice (its task retried) wrote the same file twice: count it once.
-    return list({r["file"]: r for r in records}.values())
+def write(dataset, folder: str, rows_per_file: int, progress: Progress | None = None) -> list[dict]:
+    """Writes the dataset as content-named Parquet files; returns one record per distinct file. `progress`
+    hears of the rows written so far as each file is."""
+    written = dataset.map_batches(write_block, fn_kwargs={"folder_uri": folder}, batch_size=rows_per_file, batch_format="pyarrow")
+    files: dict[str, dict] = {}
+    rows = 0
+    for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for record in batch.to_pylist():
+            # A block written twice (its task retried) wrote the same file twice: count it once.
+            rows += 0 if record["file"] in files else record["rows"]
+            files[record["file"]] = record
+        if progress:
+            progress.update(rows)
+    return list(files.values())
 
 
 def uris(folder: str, meta: list[dict]) -> list[str]:

@@ -201,6 +201,10 @@ class RatConfig:
     # llm_gate: the chance that training drops an item's ID side where it appears, so that the LLM side
     # alone ranks items too, as it must for items that arrive after training (srs/items.py)
     id_dropout: float = bounded(0.0, low=0.0, high=1.0, high_open=True, added=True)
+    # How often items nobody interacted with are recommended, against trained items of their kind: their text
+    # side is scaled so that trained items placed as new would fill this share of the top-10 slots they had
+    # trained (stages/rat/calibrate.py); 0 = no scaling (the text side as trained)
+    new_item_exposure: float = bounded(1.0, low=0.0, added=True)
     # bce: the reference's, one sampled negative per target; ce: softmax over the whole catalog;
     # sampled_softmax: shared in-batch + uniform negatives with the log-Q correction (srs/losses.py)
     loss: Literal["bce", "ce", "sampled_softmax"] = "ce"
@@ -246,6 +250,19 @@ class RayConfig:
 
 
 @dataclass
+class LogConfig:
+    verbose: bool = False  # also print Ray's, Ray Data's, Ray Train's, DeepSpeed's and transformers' own lines
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True  # log each stage's config, metrics and final figures to MLflow (and TensorBoard)
+    mlflow_uri: str = ""  # empty: $MLFLOW_TRACKING_URI if set, else a file store <root>/mlruns (./mlruns if root is S3)
+    experiment: str = "llmemb"  # the MLflow experiment every stage's run joins
+    tensorboard: bool = True  # also write TensorBoard event files, published in the stage's output as tensorboard/
+
+
+@dataclass
 class Config:
     root: str = location("./runs")  # where every stage publishes: a local folder or s3://bucket/prefix
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -256,6 +273,9 @@ class Config:
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     cleanup: CleanupConfig = field(default_factory=CleanupConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    log: LogConfig = field(default_factory=LogConfig, metadata=ADDED)  # what a run prints; changes no output
+    # Not part of any stage's config hash: turning tracking on or off changes no published output.
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=ADDED)
 
 
 def _raw(path: str | Path | None, overrides: list[str]) -> dict[str, Any]:
@@ -289,6 +309,11 @@ def load_typed(cls: type, path: str | Path, overrides: list[str] = ()) -> Any:
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Reads a YAML config, applies `dotted.key=value` overrides, and type-checks every key."""
     return _build(Config, _raw(path, list(overrides)), prefix="")
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """A resolved config as a publication's manifest records it, type-checked like a file."""
+    return _build(Config, raw, prefix="")
 
 
 def key_help() -> list[tuple[str, str, str, str]]:

@@ -9,6 +9,9 @@ a publication writes all its files under `<uri>/data-<txn>/`, then creates
 local disk). The manifest lists the transaction folder; readers trust only it. A job
 that dies before the manifest leaves an unreferenced `data-*` folder, never a
 half-published output, and two jobs racing to publish cannot both win.
+
+After the commit, each table, file and folder of a publication also appears at a stable path
+`<uri>/<name>` (`stable_names`), which peft, pandas, DuckDB and Spark read without the manifest.
 """
 from __future__ import annotations
 
@@ -263,6 +266,13 @@ def read_parquet_files(uris: list[str]) -> pa.Table:
 # ---------------------------------------------------------------- publications
 
 
+def read_schema(uri: str) -> pa.Schema:
+    """A Parquet file's schema, from its footer alone."""
+    fs, path = resolve(uri)
+    with _storage_errors(uri), fs.open_input_file(path) as f:
+        return pq.read_schema(f)
+
+
 def read_manifest(uri: str) -> dict[str, Any]:
     try:
         data = read_bytes(join(uri, MANIFEST))
@@ -375,7 +385,8 @@ def publish(
         raise AlreadyPublished(f"{uri} is already published; choose another name or pass overwrite")
     txn = f"data-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     pub = Publication(uri=uri, data_dir=txn)
-    previous = read_manifest(uri)["data_dir"] if overwrite and is_published(uri) else None
+    previous_manifest = read_manifest(uri) if overwrite and is_published(uri) else None
+    previous = previous_manifest and previous_manifest["data_dir"]
     pub.write_text("config.yaml", _yaml(config))
     yield pub
     manifest = {
@@ -392,8 +403,51 @@ def publish(
         **pub.info,
     }
     _commit_manifest(uri, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode(), overwrite)
+    _expose(uri, manifest, previous_manifest)
     if previous and previous != txn:
         delete_tree(join(uri, previous))
+
+
+def stable_names(manifest: dict[str, Any]) -> list[str]:
+    """What a publication shows at `<uri>/<name>`: its tables, and its top-level files and folders."""
+    return sorted(set(manifest["tables"]) | {f.split("/", 1)[0] for f in manifest["files"]})
+
+
+def _stable_files(manifest: dict[str, Any]) -> set[str]:
+    """Every file of a publication, relative to its transaction folder."""
+    tables = {f"{name}/{f}" for name, table in manifest["tables"].items() for f in table["files"]}
+    return tables | set(manifest["files"])
+
+
+def _expose(uri: str, manifest: dict[str, Any], previous: dict[str, Any] | None) -> None:
+    """Once committed, the publication at its stable paths. On a local disk each name is a relative
+    symbolic link, swapped in by one rename: a reader sees the old version or the new one, never a mix.
+    S3 has no links: each object is copied server-side, and every folder gets `_SUCCESS` last (the
+    Hadoop/Spark convention; readers skip `_` files), removed first when a version is replaced."""
+    names = stable_names(manifest)
+    fs, base = resolve(uri)
+    with _storage_errors(uri):
+        if not is_s3(uri):
+            for name in names:
+                staged = os.path.join(base, f".{name}.{uuid.uuid4().hex[:8]}.link")
+                os.symlink(f"{manifest['data_dir']}/{name}", staged)
+                os.replace(staged, os.path.join(base, name))
+            for entry in os.scandir(base):  # a name only the replaced version had
+                if entry.is_symlink() and entry.name not in names and TRANSACTION.fullmatch(os.readlink(entry.path).split("/")[0]):
+                    os.unlink(entry.path)
+            return
+        folders = sorted({f.split("/", 1)[0] for f in _stable_files(manifest) if "/" in f})
+        for folder in folders:
+            if fs.get_file_info(f"{base}/{folder}/_SUCCESS").type != pafs.FileType.NotFound:
+                fs.delete_file(f"{base}/{folder}/_SUCCESS")
+        files = _stable_files(manifest)
+        for rel in sorted(files):
+            fs.copy_file(f"{base}/{manifest['data_dir']}/{rel}", f"{base}/{rel}")
+        for rel in sorted(_stable_files(previous) - files if previous else ()):
+            fs.delete_file(f"{base}/{rel}")
+        for folder in folders:
+            with fs.open_output_stream(f"{base}/{folder}/_SUCCESS"):
+                pass
 
 
 TRANSACTION = re.compile(r"data-(\d{8}T\d{6})-[0-9a-f]{8}")

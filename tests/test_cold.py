@@ -13,7 +13,7 @@ from llmemb_dist.data.cold import choose_cold, cold_split
 from llmemb_dist.data.embeddings import embeddings_table, vectors_of
 from llmemb_dist.data.sequences import Sequences, train_inputs
 from llmemb_dist.layout import dataset_uri, embeddings_uri
-from llmemb_dist.srs.placement import ItemPlacement
+from llmemb_dist.srs.placement import NEW_ITEM_SCALE, ItemPlacement
 from llmemb_dist.stages.adapt.driver import adapt
 from llmemb_dist.stages.prepare.driver import prepare
 from llmemb_dist.stages.rat.cold import text_only_metrics
@@ -117,5 +117,6 @@ def test_rat_with_a_cold_split_scores_cold_items_as_adapt_places_them(tmp_path, 
     placement = ItemPlacement.load(storage.download_dir(storage.join(data, PLACEMENT_DIR), tmp_path / "placement"))
     row = {item: r for r, item in enumerate(ids)}
     expected = placement.items.with_llm(torch.from_numpy(vectors[[row[i] for i in cold_ids]]),
-                                        torch.zeros(len(cold_ids), dtype=torch.long))
+                                        torch.zeros(len(cold_ids), dtype=torch.long)) * placement.spec[NEW_ITEM_SCALE]
+    assert placement.spec[NEW_ITEM_SCALE] >= 1.0  # calibrated by RAT (stages/rat/calibrate.py)
     assert np.allclose(np.stack([by_id[i] for i in cold_ids]), expected.detach().numpy(), atol=1e-6)

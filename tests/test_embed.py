@@ -18,7 +18,7 @@ from llmemb_dist.layout import dataset_uri, embeddings_uri
 from llmemb_dist.stages.embed.driver import embed
 from llmemb_dist.data.embeddings import vectors_of
 from llmemb_dist.llm.loading import (
-    ItemEncoder, attach_lora, base_model_info, load_adapter, load_backbone, load_tokenizer, resolve_model, tokenize,
+    PooledEncoder, attach_lora, base_model_info, load_adapter, load_backbone, load_tokenizer, resolve_model, tokenize,
 )
 from llmemb_dist.stages.prepare.driver import prepare
 
@@ -57,7 +57,7 @@ def reference_vectors(cfg: Config, catalog: pa.Table, adapter_dir: Path | None =
     backbone = load_backbone(source, cfg.model)
     if adapter_dir:
         backbone = load_adapter(backbone, adapter_dir)
-    encoder, tok = ItemEncoder(backbone, cfg.model.pooling).eval(), load_tokenizer(source)
+    encoder, tok = PooledEncoder(backbone, cfg.model.pooling).eval(), load_tokenizer(source)
     columns = attribute_columns(catalog.schema)
     out = {}
     with torch.inference_mode():
@@ -165,6 +165,14 @@ def test_adapter_for_another_base_model_is_refused(ray_local, tiny_llama_dir, tm
     cfg = make_cfg(root, "minilm", "embed.adapter=auto")
     prepare(cfg)
     with pytest.raises(ConfigError, match="trained on base model"):
+        embed(cfg)
+    assert not storage.is_published(embeddings_uri(cfg))
+
+
+def test_an_actor_pool_that_takes_every_cpu_is_refused_before_it_hangs(ray_local, tmp_path):
+    cfg = make_cfg(str(tmp_path / "runs"), "minilm", "embed.num_actors=4", "embed.cpus_per_actor=1")  # 4 CPUs
+    publish_catalog(cfg, pd.DataFrame({ITEM_ID: ["a", "b"], "title": ["A film", "Another"]}))
+    with pytest.raises(ConfigError, match="leaves no whole CPU for Ray Data's reads and writes"):
         embed(cfg)
     assert not storage.is_published(embeddings_uri(cfg))
 

@@ -4,6 +4,7 @@ import torch
 
 from llmemb_dist.config import RatConfig
 from llmemb_dist.srs import build_model
+from llmemb_dist.srs.placement import ItemPlacement
 from llmemb_dist.srs.items import standardize
 from llmemb_dist.srs.losses import alignment_loss
 
@@ -199,7 +200,8 @@ def test_with_llm_gives_trained_items_their_row_and_new_items_their_text_side(it
     # An item without interactions: the representation's text side, computed from the raw vector alone.
     new = items.with_llm(raw, torch.zeros(NUM_ITEMS, dtype=torch.long))
     text_only = {"llm": lambda: items.table()[1:], "llm_frozen": lambda: items.table()[1:],
-                 "llm_id": lambda: items.llm.table()[1:], "llm_gate": lambda: items.llm.table()[1:],
+                 "llm_id": lambda: items.llm.table()[1:],
+                 "llm_gate": lambda: items.llm.table()[1:],
                  "id_llm_init": lambda: items.standardized(raw) @ items.components.T}[item_repr]()
     assert torch.allclose(new, text_only, atol=1e-5)
 
@@ -207,3 +209,14 @@ def test_with_llm_gives_trained_items_their_row_and_new_items_their_text_side(it
 def test_id_cannot_place_an_item_without_interactions():
     with pytest.raises(ValueError, match="cannot place an item without interactions"):
         model("sasrec", "id").items.with_llm(torch.zeros(1, CFG.hidden), torch.zeros(1, dtype=torch.long))
+
+
+def test_a_placement_of_id_items_saves_and_loads(tmp_path):
+    items = model("sasrec", "id").items
+    ids = [f"i{k}" for k in range(NUM_ITEMS)]
+    with torch.no_grad():
+        placement = ItemPlacement(items, {"item_repr": "id", "hidden": CFG.hidden, "adapter_hidden": 0, "llm_dim": 0},
+                                  ids, ["h"] * NUM_ITEMS, items.table())
+    placement.save(tmp_path)  # its published table must not share memory with the ID table
+    loaded = ItemPlacement.load(tmp_path)
+    assert torch.equal(loaded.published, items.table().detach())

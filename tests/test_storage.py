@@ -5,6 +5,8 @@ import sys
 import time
 
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
 from llmemb_dist import storage
@@ -173,3 +175,39 @@ def test_cleanup_removes_only_old_unreferenced_transactions(root):
     assert cleanup(load_config(None, [f"root={root}", "cleanup.remove=true"])) == old
     assert storage.unreferenced_transactions(root, dt.timedelta(hours=24)) == []
     assert storage.read_table(kept, "items").num_rows == 4 and storage.read_table(race, "items").num_rows == 2
+
+
+def _stable_files(uri: str, name: str) -> list[str]:
+    """The plain files a manifest-less reader (pandas, DuckDB, Spark) finds at `<uri>/<name>`."""
+    fs, path = storage.resolve(storage.join(uri, name))
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+
+def test_a_publication_is_readable_at_stable_paths_without_its_manifest(root):
+    uri = storage.join(root, "pub")
+    with storage.publish(uri, kind="test", config={"a": 1}, config_hash="h") as pub:
+        pub.write_table("items", _table(10), num_shards=3)
+        pub.write_text("notes/readme.txt", "v1")
+    fs, path = storage.resolve(uri)
+    assert [f for f in _stable_files(uri, "items") if not f.startswith("_")] == sorted(
+        storage.read_manifest(uri)["tables"]["items"]["files"])
+    stable = pq.read_table(f"{path}/items", filesystem=fs)  # what pandas and Spark do with a folder
+    assert stable.sort_by("item_id").equals(storage.read_table(uri, "items").sort_by("item_id"))
+    assert storage.read_bytes(storage.join(uri, "notes", "readme.txt")) == b"v1"
+    if storage.is_s3(root):  # copies, complete once the folder's _SUCCESS exists
+        assert "_SUCCESS" in _stable_files(uri, "items")
+
+    # Replaced in place: the stable paths show only the new version; a name it lacks is gone.
+    with storage.publish(uri, kind="test", config={"a": 2}, config_hash="h2", overwrite=True) as pub:
+        pub.write_table("items", _table(4), num_shards=1)
+    assert pq.read_table(f"{path}/items", filesystem=fs).num_rows == 4
+    assert [f for f in _stable_files(uri, "items") if not f.startswith("_")] == ["part-00000.parquet"]
+    assert not storage.exists(storage.join(uri, "notes", "readme.txt"))
+
+
+def test_a_failed_publication_shows_nothing_at_stable_paths(root):
+    uri = storage.join(root, "pub")
+    with pytest.raises(RuntimeError):
+        _publish(uri, _table(), fail=True)
+    assert not storage.exists(storage.join(uri, "items"))

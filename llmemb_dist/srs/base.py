@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmemb_dist.srs.items import FixedItems
 from llmemb_dist.srs.losses import Objective
 
 
@@ -72,6 +73,10 @@ class SeqRecommender(nn.Module):
         n_in = 0 if inputs is None else inputs.numel()
         input_emb = None if inputs is None else emb[:n_in]
         return input_emb, emb[n_in: n_in + len(pos)], neg, emb[n_in + len(pos):]
+
+    def over_items(self, table: torch.Tensor) -> None:
+        """Serves the trained backbone over a fixed item table (row 0 padding), trained and new items alike."""
+        self.items, self.num_items = FixedItems(table), len(table) - 1
 
     def user_repr(self, seqs: torch.Tensor) -> torch.Tensor:
         """The state after each (left-padded) input sequence, (B, hidden)."""

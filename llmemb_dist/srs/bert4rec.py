@@ -46,6 +46,10 @@ class Bert4Rec(SeqRecommender):
         _, pos_emb, neg, neg_emb = self.lookup(pos, objective, generator)
         return objective(hidden[where], pos, pos_emb, neg, neg_emb), pos, pos_emb
 
+    def over_items(self, table: torch.Tensor) -> None:
+        super().over_items(table)
+        self.mask_token = self.num_items + 1  # the mask is an index past the table
+
     def user_repr(self, seqs: torch.Tensor) -> torch.Tensor:
         # Predict the next item as a masked slot after the sequence (keeping max_len tokens).
         seqs = seqs[:, -(self.max_len - 1):]

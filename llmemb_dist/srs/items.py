@@ -36,6 +36,20 @@ class IdItems(nn.Module):
         return self.emb.weight[index]
 
 
+class FixedItems(nn.Module):
+    """A given table of item vectors (row 0 padding): what a trained recommender serves from."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.register_buffer("vectors", table)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.vectors[ids]
+
+    def table(self) -> torch.Tensor:
+        return self.vectors
+
+
 def standardization(llm: np.ndarray) -> tuple[np.ndarray, float]:
     """The mean and the scale `standardize` applies: a new item is standardised with the trained table's."""
     llm = np.asarray(llm, dtype=np.float32)

@@ -4,8 +4,9 @@ An `ItemPlacement` is a trained item representation plus what RAT trained it on:
 row order, their text hashes and the exact vectors RAT published. Given an item's id, text hash and
 raw LLM vector it returns
 - the published vector, bit for bit, for a trained item whose text is unchanged;
-- the representation's `with_llm` vector otherwise: its text side for an item nobody interacted with,
-  its text side with its trained part for a trained item whose text changed.
+- the representation's `with_llm` vector otherwise: its text side for an item nobody interacted with
+  (times the spec's `new_item_scale`, calibrated after training: stages/rat/calibrate.py), its text side
+  with its trained part for a trained item whose text changed.
 It is saved as JSON and safetensors (nothing that can execute code), read back the same way.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from llmemb_dist.srs.items import build_items
 CONFIG_FILE = "placement.json"
 TENSORS_FILE = "placement.safetensors"
 PUBLISHED = "published"  # the tensor of published vectors, row k for item k (row 0 unused)
+NEW_ITEM_SCALE = "new_item_scale"  # spec key: a new item's text side is multiplied by it (1 when absent)
 
 
 class ItemPlacement:
@@ -33,7 +35,7 @@ class ItemPlacement:
                              f"{len(text_hashes)} hashes, {published.shape[0] - 1} vectors")
         self.items, self.spec = items.eval(), spec
         self.item_ids, self.text_hashes = item_ids, text_hashes
-        self.published = published.detach().float().contiguous()
+        self.published = published.detach().float().clone()  # its own memory: safetensors refuses shared tensors
         self.row = {item: k + 1 for k, item in enumerate(item_ids)}
 
     @torch.no_grad()
@@ -45,7 +47,9 @@ class ItemPlacement:
         out = self.published[index].clone()
         todo = ~unchanged
         if bool(todo.any()):
-            out[todo] = self.items.with_llm(torch.as_tensor(raw[todo.numpy()], dtype=torch.float32), index[todo]).float()
+            placed = self.items.with_llm(torch.as_tensor(raw[todo.numpy()], dtype=torch.float32), index[todo]).float()
+            new = (index[todo] == 0)[:, None]
+            out[todo] = torch.where(new, placed * float(self.spec.get(NEW_ITEM_SCALE, 1.0)), placed)
         return out.numpy()
 
     def save(self, folder: str | Path) -> None:

@@ -33,7 +33,7 @@ STAGES: tuple[tuple[str, Callable[[Config], str]], ...] = (
 
 def pipeline(cfg: Config) -> str:
     """Runs every stage that has not published yet, then publishes the report; returns the report URI."""
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, cfg.log.verbose)
     outputs: dict[str, str] = {}
     started = time.time()
     for i, (name, stage) in enumerate(STAGES, start=1):
@@ -44,10 +44,10 @@ def pipeline(cfg: Config) -> str:
     manifests = {name: storage.read_manifest(out) for name, out in outputs.items()}
     uri = publish_report(cfg, outputs, manifests)
     rows = manifests["rat"]["metrics"]
-    item_embeddings = storage.join(storage.data_uri(outputs["rat"], manifests["rat"]), "item_embeddings")
     print(
-        f"\nAdapted item embeddings (the product): {item_embeddings}\n"
-        f"LLM item embeddings: {outputs['embed']}\nReport: {storage.join(storage.data_uri(uri), 'report.md')}\n\n"
+        f"\nAdapted item embeddings (the product): {storage.join(outputs['rat'], 'item_embeddings')}\n"
+        f"LLM item embeddings: {storage.join(outputs['embed'], 'embeddings')}\n"
+        f"SCFT adapter (peft): {storage.join(outputs['scft'], 'adapter')}\nReport: {storage.join(uri, 'report.md')}\n\n"
         f"{comparison_markdown(rows)}\n\npipeline finished in {time.time() - started:.0f} s"
     )
     return uri

@@ -14,10 +14,11 @@ import time
 
 import pyarrow as pa
 
-from llmemb_dist import blockio, layout, storage
+from llmemb_dist import blockio, layout, storage, tracking
 from llmemb_dist.config import Config, config_hash, to_dict
 from llmemb_dist.data.embeddings import embeddings_schema
-from llmemb_dist.distributed.cluster import init_ray
+from llmemb_dist.distributed.cluster import check_actor_pool, init_ray
+from llmemb_dist.progress import Progress
 from llmemb_dist.stages.adapt.actor import PlaceActor
 
 log = logging.getLogger(__name__)
@@ -39,15 +40,16 @@ def adapt(cfg: Config) -> str:
                                  hint="choose another adapt.version"):
         return out_uri
 
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, cfg.log.verbose)
+    check_actor_pool(cfg.adapt.num_actors, cfg.adapt.cpus_per_actor, "adapt")
     emb_files = storage.table_files(emb_uri, "embeddings", emb_manifest)
     keys = blockio.read_keys(emb_files)
     reused, removed, previous = carried_over(cfg, keys, inputs)
     counts = {"items": keys.num_rows, "computed": keys.num_rows - len(reused), "reused": len(reused), "removed": removed}
     log.info("adapting %s with %s into %s: %s", emb_uri, rat_uri, out_uri, counts)
     started = time.time()
-    with storage.publish(out_uri, kind="adapted", config=to_dict(cfg), config_hash=config_hash(cfg.adapt),
-                         inputs=inputs) as pub:
+    with tracking.stage_run(cfg, "adapt", cfg.adapt.version) as run, storage.publish(
+            out_uri, kind="adapted", config=to_dict(cfg), config_hash=config_hash(cfg.adapt), inputs=inputs) as pub:
         parts = []
         if counts["computed"]:
             parts.append(placed(cfg, emb_files, reused, storage.join(storage.data_uri(rat_uri, rat_manifest),
@@ -59,11 +61,15 @@ def adapt(cfg: Config) -> str:
             parts.append(blockio.read(files).map_batches(
                 blockio.keep_rows, fn_kwargs={"ids_ref": ray.put(reused), "keep": True}, batch_format="pyarrow"))
         dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        meta = blockio.write(dataset, storage.join(pub.data_uri, TABLE), cfg.adapt.rows_per_file)
+        meta = blockio.write(dataset, storage.join(pub.data_uri, TABLE), cfg.adapt.rows_per_file,
+                             Progress(log, "adapt", counts["items"], unit="items"))
         rows = blockio.verify(meta, keys, out_uri, "adapted vectors")
         pub.add_table_files(TABLE, [m["file"] for m in meta], rows, embeddings_schema(placement["hidden"]))
         pub.info.update(counts=counts, dim=placement["hidden"], item_repr=placement["item_repr"],
                         previous=previous and previous[0])
+        seconds = time.time() - started
+        run.log_final({**counts, "seconds": seconds, "items_per_s": counts["computed"] / max(seconds, 1e-9)})
+        run.publish(pub)
     log.info("published %s in %.1f s: %s", out_uri, time.time() - started, counts)
     return out_uri
 

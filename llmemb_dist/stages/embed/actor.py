@@ -17,7 +17,7 @@ from llmemb_dist.config import ModelConfig
 from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH, attribute_columns, item_attributes, render_prompt
 from llmemb_dist.data.embeddings import embeddings_table
 from llmemb_dist.llm.loading import (
-    ItemEncoder, load_adapter, load_backbone, load_tokenizer, node_cache_dir, resolve_model, tokenize,
+    PooledEncoder, load_adapter, load_backbone, load_tokenizer, node_cache_dir, resolve_model, tokenize,
 )
 
 # A Ray batch holds this many model batches; sorting it by prompt length before cutting it into
@@ -43,7 +43,7 @@ class EmbedActor:
             cache = node_cache_dir(model) / "adapters" / hashlib.sha256(adapter_files.encode()).hexdigest()[:16]
             # Merged into the base weights: plain Linear layers, no per-batch LoRA matmuls.
             backbone = load_adapter(backbone, storage.download_dir(adapter_files, cache)).merge_and_unload()
-        self.encoder = ItemEncoder(backbone, model.pooling).to(device).eval()
+        self.encoder = PooledEncoder(backbone, model.pooling).to(device).eval()
         self.model, self.batch_size, self.device = model, batch_size, device
         self.fault_marker = fault_marker
 

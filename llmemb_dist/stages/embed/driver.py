@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import time
 
-from llmemb_dist import blockio, layout, storage
+from llmemb_dist import blockio, layout, storage, tracking
 from llmemb_dist.config import Config, ConfigError, config_hash, to_dict
 from llmemb_dist.data.embeddings import embeddings_schema
-from llmemb_dist.distributed.cluster import init_ray
+from llmemb_dist.distributed.cluster import check_actor_pool, init_ray
 from llmemb_dist.llm.loading import base_model_info, resolve_model
+from llmemb_dist.progress import Progress
 from llmemb_dist.stages.embed import dataflow
 from llmemb_dist.stages.embed import pca as embed_pca
 from llmemb_dist.stages.embed.plan import encoder_identity, hidden_size, make_plan, previous_pca, resolve_adapter
@@ -47,20 +48,23 @@ def embed(cfg: Config) -> str:
                                  hint="choose another embed.version"):
         return out_uri
 
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, cfg.log.verbose)
+    check_actor_pool(cfg.embed.num_actors, cfg.embed.cpus_per_actor, "embed")
     plan = make_plan(cfg, data_uri, data_manifest, dim, encoder)
     counts = {"items": plan.keys.num_rows, "new": plan.new, "reused": plan.reused, "removed": plan.removed}
     log.info("embedding %s into %s: %s", data_uri, out_uri, counts)
     if plan.new == 0:
         log.info("no item is new or changed: no model work, carrying %d embeddings over", plan.reused)
 
-    with storage.publish(out_uri, kind="embeddings", config=to_dict(cfg), config_hash=config_hash(cfg.embed), inputs=inputs) as pub:
+    with tracking.stage_run(cfg, "embed", cfg.embed.version) as run, storage.publish(
+            out_uri, kind="embeddings", config=to_dict(cfg), config_hash=config_hash(cfg.embed), inputs=inputs) as pub:
         pca = previous_pca(plan) if plan.previous else None
         folder = storage.join(pub.data_uri, "embeddings")
         start = time.time()
         if cfg.embed.pca_dim and pca is None:  # fit on this catalog: embed to a scratch folder first
             raw_folder = storage.join(pub.data_uri, "_raw")
-            raw_files = blockio.write(dataflow.embedded(cfg, plan, adapter, pub.data_dir), raw_folder, cfg.embed.rows_per_file)
+            raw_files = blockio.write(dataflow.embedded(cfg, plan, adapter, pub.data_dir), raw_folder, cfg.embed.rows_per_file,
+                                      Progress(log, "embed", plan.new, unit="items"))
             pca = dataflow.fit_pca(raw_folder, raw_files, cfg.embed.pca_dim)
             meta = blockio.write(blockio.read(blockio.uris(raw_folder, raw_files)).map_batches(
                 embed_pca.project, fn_kwargs={"pca": pca}, batch_format="pyarrow"), folder, cfg.embed.rows_per_file)
@@ -72,10 +76,12 @@ def embed(cfg: Config) -> str:
                 parts.append(new.map_batches(embed_pca.project, fn_kwargs={"pca": pca}, batch_format="pyarrow") if pca else new)
             if plan.reused:
                 parts.append(dataflow.carried_over(plan))
-            meta = blockio.write(parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0], folder, cfg.embed.rows_per_file)
+            meta = blockio.write(parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0], folder, cfg.embed.rows_per_file,
+                                 Progress(log, "embed", plan.keys.num_rows, unit="items"))
         rows = blockio.verify(meta, plan.keys, out_uri, "embeddings")
+        seconds = time.time() - start
         log.info("wrote %d embeddings in %d files in %.1f s (%.1f items/s embedded)",
-                 rows, len(meta), time.time() - start, plan.new / max(time.time() - start, 1e-9))
+                 rows, len(meta), seconds, plan.new / max(seconds, 1e-9))
         pub.add_table_files("embeddings", [m["file"] for m in meta], rows, embeddings_schema(dim))
         if pca is not None:
             storage.write_bytes(storage.join(pub.data_uri, embed_pca.PCA_FILE), embed_pca.to_bytes(pca))
@@ -90,5 +96,7 @@ def embed(cfg: Config) -> str:
             encoder=encoder,
             previous=plan.previous,
         )
+        run.log_final({**counts, "rows": rows, "seconds": seconds, "items_per_s": plan.new / max(seconds, 1e-9)})
+        run.publish(pub)
     log.info("published %s: %s", out_uri, counts)
     return out_uri

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 
-from llmemb_dist import layout, storage
+from llmemb_dist import layout, storage, tracking
 from llmemb_dist.config import Config, config_hash, to_dict
 from llmemb_dist.data.catalog import (
     ITEM_ID,
@@ -29,6 +30,7 @@ def prepare(cfg: Config, overwrite: bool = False) -> str:
         hint="use another dataset.name or overwrite",
     ):
         return uri
+    started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         items, inter = read_dataset(cfg.dataset.format, _local(cfg.dataset.source, tmp), _local(cfg.dataset.metadata, tmp),
                                     cfg.dataset.timestamp_unit)
@@ -43,13 +45,15 @@ def prepare(cfg: Config, overwrite: bool = False) -> str:
         "items": catalog.num_rows,
         "interactions": interactions.num_rows,
     }
-    with storage.publish(
+    with tracking.stage_run(cfg, "prepare", cfg.dataset.name) as run, storage.publish(
         uri, kind="dataset", config=to_dict(cfg.dataset), config_hash=config_hash(cfg.dataset),
         inputs={"source": source, "format": cfg.dataset.format}, overwrite=overwrite,
     ) as pub:
         pub.write_table("catalog", catalog, cfg.dataset.num_shards)
         pub.write_table("interactions", interactions, cfg.dataset.num_shards)
         pub.info["counts"] = counts
+        run.log_final({**counts, "seconds": time.time() - started})
+        run.publish(pub)
     log.info("published dataset %s: %s", uri, counts)
     return uri
 

@@ -17,13 +17,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from llmemb_dist import layout, storage
+from llmemb_dist import layout, storage, tracking
 from llmemb_dist.config import Config, RatConfig, config_hash, to_dict
 from llmemb_dist.distributed.cluster import init_ray
 from llmemb_dist.data.embeddings import embeddings_table
 from llmemb_dist.srs import SeqRecommender
-from llmemb_dist.srs.placement import ItemPlacement
+from llmemb_dist.srs.placement import NEW_ITEM_SCALE, ItemPlacement
 from llmemb_dist.stages.rat import report
+from llmemb_dist.stages.rat.calibrate import new_item_scale
 from llmemb_dist.stages.rat.cold import cold_start_report
 from llmemb_dist.stages.rat.evaluate import check_negatives
 from llmemb_dist.stages.rat.inputs import catalog_text_hashes, load_cold_split, load_llm_table, load_sequences
@@ -60,8 +61,6 @@ def _summary(final: dict) -> dict:
 
 def rat(cfg: Config) -> str:
     """Runs RAT end to end and publishes `layout.rat_result_uri(cfg)`; returns that URI."""
-    from safetensors.torch import save_file
-
     out_uri = layout.rat_result_uri(cfg)
     rcfg = cfg.rat
     uses_llm = rcfg.item_repr != "id"
@@ -73,6 +72,17 @@ def rat(cfg: Config) -> str:
     if storage.already_published(out_uri, {"config_hash": config_hash(rcfg), "inputs": inputs}, "RAT result",
                                  hint="choose another rat.run"):
         return out_uri
+    with tracking.stage_run(cfg, "rat", rcfg.run) as run:
+        _train_and_publish(cfg, inputs, run)
+    return out_uri
+
+
+def _train_and_publish(cfg: Config, inputs: dict[str, str], run: tracking.StageRun) -> None:
+    """Trains the baseline and the LLMEmb recommender, then publishes them with the report."""
+    from safetensors.torch import save_file
+
+    out_uri, rcfg, emb_uri = layout.rat_result_uri(cfg), cfg.rat, inputs["embeddings"]
+    uses_llm = rcfg.item_repr != "id"
     data = load_sequences(cfg)
     # With a cold-start split RAT trains on the warm items only, and the cold ones are scored as new items.
     split = load_cold_split(cfg, data) if rcfg.cold.enabled else None
@@ -84,25 +94,30 @@ def rat(cfg: Config) -> str:
     if uses_llm:
         llm_all = load_llm_table(emb_uri, split.item_ids if split else data.item_ids, rcfg.embedding_dim)
         llm = llm_all[: data.num_items]
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, cfg.log.verbose)
     # The collaborative SASRec is the ID-only baseline too: trained once, used twice.
-    baseline, baseline_final = train_variant(cfg, data, rcfg.backbone, "id")
+    baseline, baseline_final = train_variant(cfg, data, rcfg.backbone, "id", run=run)
     baseline_name = f"{rcfg.backbone}-id"
     variants = {baseline_name: _summary(baseline_final)}
     model, main = baseline, baseline_name
     if uses_llm:
-        collab = baseline if rcfg.backbone == "sasrec" else train_variant(cfg, data, "sasrec", "id")[0]
+        collab = baseline if rcfg.backbone == "sasrec" else train_variant(cfg, data, "sasrec", "id", run=run)[0]
         srs = collab.items.table().detach().numpy()
-        model, final = train_variant(cfg, data, rcfg.backbone, rcfg.item_repr, llm=llm, srs=srs)
+        model, final = train_variant(cfg, data, rcfg.backbone, rcfg.item_repr, llm=llm, srs=srs, run=run)
         main = f"{rcfg.backbone}-{rcfg.item_repr}"
         variants[main] = _summary(final)
     metrics = {"main": main, "baseline": baseline_name, "dropped_users": data.dropped_users,
                "users": len(data.seqs), "items": data.num_items, "variants": variants}
     hashes = catalog_text_hashes(cfg, data.item_ids)
     placement = item_placement(model, rcfg, data.item_ids, hashes, llm, emb_uri)
+    if uses_llm:
+        placement.spec[NEW_ITEM_SCALE] = new_item_scale(model, placement, data, llm, rcfg.max_len,
+                                                        rcfg.new_item_exposure, rcfg.seed)
+        log.info("a new item's text side is scaled by %.3f (calibrated on validation users)", placement.spec[NEW_ITEM_SCALE])
     if split is not None:
         metrics["cold_start"] = cold_start_report(rcfg, split, {baseline_name: (baseline, None), main: (model, placement)},
                                                   llm_all)
+    run.log_final(metrics)
     model_config = {"backbone": rcfg.backbone, "item_repr": rcfg.item_repr, "num_items": data.num_items,
                     "hidden": rcfg.hidden, "layers": rcfg.layers, "heads": rcfg.heads, "max_len": rcfg.max_len,
                     "adapter_hidden": rcfg.adapter_hidden, "llm_dim": None if llm is None else int(llm.shape[1]),
@@ -123,10 +138,10 @@ def rat(cfg: Config) -> str:
             pub.upload_dir(d, "report")
         pub.info["metrics"] = comparison_rows(metrics)
         pub.info["embeddings_input"] = emb_uri
+        run.publish(pub)
     log.info("published %s\n%s", out_uri, report.comparison_markdown(comparison_rows(metrics)))
     if split is not None:
         log.info("cold start, test, full ranking:\n%s", report.cold_start_markdown(metrics["cold_start"]))
-    return out_uri
 
 
 def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:

@@ -15,8 +15,9 @@ class RatModule(nn.Module):
     def __init__(self, model: SeqRecommender, rec: Objective, srs: np.ndarray | None, alpha: float, temperature: float):
         super().__init__()
         self.model, self.rec, self.alpha, self.temperature = model, rec, alpha, temperature
-        # Collaborative embeddings are a frozen input, not part of the saved model.
-        self.register_buffer("srs", None if srs is None else torch.as_tensor(srs, dtype=torch.float32), persistent=False)
+        # Collaborative embeddings are a frozen input, not part of the saved model; copied, since on a Ray worker
+        # the array is a read-only view of Ray's object store.
+        self.register_buffer("srs", None if srs is None else torch.tensor(srs, dtype=torch.float32), persistent=False)
 
     def forward(self, seqs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         loss, targets, target_emb = self.model.rec_loss(seqs, generator, self.rec)

@@ -18,14 +18,13 @@ import torch
 from llmemb_dist.config import RatConfig
 from llmemb_dist.data.sequences import Sequences, bucketed_batches, pad_left, train_inputs
 from llmemb_dist.distributed.collective import data_parallel, gather_objects
+from llmemb_dist.progress import Progress
 from llmemb_dist.srs import SeqRecommender
 from llmemb_dist.srs.losses import Objective
 from llmemb_dist.stages.rat.evaluate import PROTOCOLS, EvalSplit, Scorer, make_split, ranks, summarize
 from llmemb_dist.stages.rat.objective import RatModule
 
 log = logging.getLogger(__name__)
-
-PROGRESS_EVERY = 50  # steps between progress lines
 
 
 @dataclass
@@ -66,10 +65,12 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
     rank: int = 0,
     world: int = 1,
+    name: str = "rat",
 ) -> FitResult:
     """Trains with early stopping on validation NDCG@10 and returns the best weights with their test metrics.
 
-    `state` (from a checkpoint) resumes; `on_epoch` receives the state after every epoch.
+    `state` (from a checkpoint) resumes; `on_epoch` receives the state after every epoch; `name` begins
+    the progress lines.
     With world > 1 this runs inside a torch.distributed group and wraps the model in DDP.
     """
     torch.manual_seed(rcfg.seed)
@@ -92,6 +93,8 @@ def fit(
     else:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+    # Its pace includes each epoch's validation; early stopping may end the run before the last epoch.
+    progress = Progress(log, f"{name} epoch", rcfg.epochs, start=state["epoch"], at_most=True)
     while state["epoch"] < rcfg.epochs and state["bad_epochs"] < rcfg.patience:
         epoch = state["epoch"]
         started = time.perf_counter()
@@ -108,10 +111,6 @@ def fit(
             loss.backward()
             optimizer.step()
             total += loss.item()
-            if rank == 0 and step % PROGRESS_EVERY == 0:
-                spent = time.perf_counter() - started
-                log.info("epoch %d step %d/%d loss %.4f, ETA %.0f s", epoch + 1, step, steps, total / step,
-                         spent / step * (steps - step))
         train_s = time.perf_counter() - started
         # Early stopping watches one protocol: ranking the whole catalog for the other would be wasted each epoch.
         valid = evaluate_shared(model, valid_split, rcfg, rank, world, (rcfg.eval.select_protocol,))
@@ -125,9 +124,10 @@ def fit(
             "valid_ndcg10": score, "valid_hr10": valid[rcfg.eval.select_protocol]["overall"]["HR@10"],
         })
         state.update(epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(), valid=valid)
-        log.info("epoch %d/%d: loss %.4f, valid NDCG@10 %.4f (best %.4f at %d), %.1f s training",
-                 epoch + 1, rcfg.epochs, state["history"][-1]["loss"], score, state["best_score"],
-                 state["best_epoch"], train_s)
+        if rank == 0:
+            progress.update(epoch + 1, f"loss {state['history'][-1]['loss']:.4f}, valid NDCG@10 {score:.4f} "
+                            f"(best {state['best_score']:.4f} at {state['best_epoch']})",
+                            last=state["bad_epochs"] >= rcfg.patience)
         if on_epoch:
             on_epoch(state)
     model.load_state_dict(state["best_state"])

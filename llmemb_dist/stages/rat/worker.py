@@ -18,6 +18,7 @@ from llmemb_dist.distributed import ray_train
 from llmemb_dist.srs import SeqRecommender, build_model
 from llmemb_dist.stages.rat.state import load_state, save_state
 from llmemb_dist.stages.rat.trainer import fit
+from llmemb_dist.tracking import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ def train_worker(config: dict) -> None:
     worker = ray_train.worker_info()
     rank = worker.rank
     rcfg: RatConfig = config["rcfg"]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s rat %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, int(rcfg.cpus_per_worker)))
     state = None
     with ray_train.restored_checkpoint() as folder:
@@ -53,15 +53,17 @@ def train_worker(config: dict) -> None:
     data: Sequences = config["data"]
     model = build_model(rcfg, config["backbone"], config["item_repr"], data.num_items, config["llm"], data.train_popularity())
     result = fit(model, data, rcfg, srs=config["srs"], state=state, on_epoch=report_state,
-                 rank=rank, world=worker.world)
+                 rank=rank, world=worker.world, name=f"rat {config['variant']}")
     final = {"done": True, "epoch": len(result.history), "best_state": result.best_state, "best_epoch": result.best_epoch,
              "valid": result.valid, "test": result.test, "history": result.history}
     report_state(final, {"epoch": final["epoch"], "done": True})
 
 
 def train_variant(cfg: Config, data: Sequences, backbone: str, item_repr: str, *,
-                  llm: np.ndarray | None = None, srs: np.ndarray | None = None) -> tuple[SeqRecommender, dict]:
-    """Trains (or resumes, or reuses) one model on Ray Train; returns it with best weights and its final state."""
+                  llm: np.ndarray | None = None, srs: np.ndarray | None = None,
+                  run: StageRun | None = None) -> tuple[SeqRecommender, dict]:
+    """Trains (or resumes, or reuses) one model on Ray Train; returns it with best weights and its final state.
+    With `run`, every epoch's metrics are tracked as they are reported, named `<variant>/<metric>`."""
     variant = f"{backbone}-{item_repr}"
     rcfg = cfg.rat
     log.info("training %s on %d workers", variant, rcfg.num_workers)
@@ -71,6 +73,7 @@ def train_variant(cfg: Config, data: Sequences, backbone: str, item_repr: str, *
          "llm": llm, "srs": srs},
         name=variant, storage_uri=layout.rat_checkpoints_uri(cfg),
         num_workers=rcfg.num_workers, cpus_per_worker=rcfg.cpus_per_worker,
+        on_report=run and run.steps("epoch", f"{variant}/"),
     )
     with ray_train.result_checkpoint(result, f"RAT training of {variant}") as folder:
         final = load_state(folder)

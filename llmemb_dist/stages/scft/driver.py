@@ -12,13 +12,13 @@ import logging
 import tempfile
 from pathlib import Path
 
-from llmemb_dist import layout, storage
+from llmemb_dist import layout, storage, tracking
 from llmemb_dist.config import Config, ConfigError, hashed, to_dict
 from llmemb_dist.data.catalog import attribute_columns
 from llmemb_dist.distributed import engine as ds_engine
 from llmemb_dist.distributed import ray_train
 from llmemb_dist.distributed.cluster import init_ray
-from llmemb_dist.llm.loading import base_model_info, resolve_model
+from llmemb_dist.llm.loading import base_model_info, portable_name, resolve_model
 from llmemb_dist.plots import integer_ticks, plt, save
 from llmemb_dist.stages.scft.model import engine_spec
 from llmemb_dist.stages.scft.worker import ADAPTER_DIR, METRICS_FILE, shard_name, train_worker
@@ -76,20 +76,21 @@ def scft(cfg: Config) -> str:
     if storage.already_published(uri, {"config_hash": stage_hash(cfg)}, "adapter", hint="use another scft.run"):
         return uri
     engine_spec(cfg)  # a DeepSpeed fragment that cannot be used is refused before Ray starts
-    init_ray(cfg.ray)
-    shards = read_catalog_shards(cfg)
+    init_ray(cfg.ray, cfg.log.verbose)
     s = cfg.scft
-    result = ray_train.run_training(
-        train_worker, {"cfg": cfg}, name="checkpoints", storage_uri=layout.scft_run_uri(cfg),
-        num_workers=s.num_workers, use_gpu=s.use_gpu, cpus_per_worker=s.cpus_per_worker,
-        max_failures=s.max_failures, worker_datasets=shards,
-    )
-    final = storage.join(layout.scft_run_uri(cfg), "checkpoints", ray_train.result_checkpoint_name(result))
-    publish_adapter(cfg, source, final)
+    with tracking.stage_run(cfg, "scft", s.run) as run:
+        shards = read_catalog_shards(cfg)
+        result = ray_train.run_training(
+            train_worker, {"cfg": cfg}, name="checkpoints", storage_uri=layout.scft_run_uri(cfg),
+            num_workers=s.num_workers, use_gpu=s.use_gpu, cpus_per_worker=s.cpus_per_worker,
+            max_failures=s.max_failures, worker_datasets=shards, on_report=run.steps("step"),
+        )
+        final = storage.join(layout.scft_run_uri(cfg), "checkpoints", ray_train.result_checkpoint_name(result))
+        publish_adapter(cfg, source, final, run)
     return uri
 
 
-def publish_adapter(cfg: Config, source, checkpoint_uri: str) -> None:
+def publish_adapter(cfg: Config, source, checkpoint_uri: str, run: tracking.StageRun) -> None:
     metrics = [json.loads(line) for line in storage.read_bytes(storage.join(checkpoint_uri, METRICS_FILE)).decode().splitlines()]
     steps = metrics[-1]["step"] if metrics else 0
     if steps != cfg.scft.steps:
@@ -99,6 +100,9 @@ def publish_adapter(cfg: Config, source, checkpoint_uri: str) -> None:
         inputs={"dataset": layout.dataset_uri(cfg), "checkpoint": checkpoint_uri},
     ) as pub:
         adapter = storage.download_dir(storage.join(checkpoint_uri, ADAPTER_DIR), Path(tmp) / "adapter")
+        adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+        adapter_config["base_model_name_or_path"] = portable_name(cfg.model)
+        (adapter / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
         pub.upload_dir(adapter, "adapter")
         pub.write_text(METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics))
         plot_loss(metrics, Path(tmp) / "plots" / "loss.png")
@@ -108,6 +112,8 @@ def publish_adapter(cfg: Config, source, checkpoint_uri: str) -> None:
         pub.info["final_loss"] = metrics[-1]["loss"]
         pub.info["workers"] = cfg.scft.num_workers
         pub.info["deepspeed"] = ds_engine.deepspeed_config(engine_spec(cfg))  # what the engine ran with, before sizing
+        run.log_final({"steps": steps, "final_loss": metrics[-1]["loss"], "workers": cfg.scft.num_workers})
+        run.publish(pub)
     log.info("published adapter %s (final loss %.4f after %d steps)", layout.adapter_uri(cfg), metrics[-1]["loss"], steps)
 
 

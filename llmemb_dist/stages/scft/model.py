@@ -13,7 +13,7 @@ from llmemb_dist import storage
 from llmemb_dist.config import Config, ConfigError
 from llmemb_dist.distributed import engine as ds_engine
 from llmemb_dist.llm import losses
-from llmemb_dist.llm.loading import ItemEncoder, attach_lora, load_backbone, load_tokenizer, resolve_model
+from llmemb_dist.llm.loading import PooledEncoder, attach_lora, load_backbone, load_tokenizer, resolve_model
 
 
 class ContrastiveModel(nn.Module):
@@ -23,7 +23,7 @@ class ContrastiveModel(nn.Module):
     ZeRO-3, gathers both when the forward runs.
     """
 
-    def __init__(self, encoder: ItemEncoder, loss: str, temperature: losses.Temperature, gather: bool):
+    def __init__(self, encoder: PooledEncoder, loss: str, temperature: losses.Temperature, gather: bool):
         super().__init__()
         self.encoder, self.temperature = encoder, temperature
         self.loss, self.gather = loss, gather
@@ -50,7 +50,7 @@ def build_contrastive_model(cfg: Config) -> tuple[ContrastiveModel, Any]:
     source = resolve_model(cfg.model)
     torch.manual_seed(cfg.scft.seed)  # identical LoRA init on every rank
     with ds_engine.model_init_context(engine_spec(cfg)):
-        encoder = ItemEncoder(attach_lora(load_backbone(source, cfg.model), cfg.model.lora), cfg.model.pooling)
+        encoder = PooledEncoder(attach_lora(load_backbone(source, cfg.model), cfg.model.lora), cfg.model.pooling)
     s = cfg.scft
     temperature = losses.Temperature(s.temperature_init, s.temperature_min, s.temperature_max)
     return ContrastiveModel(encoder, s.loss, temperature, s.gather_negatives), load_tokenizer(source)

@@ -23,6 +23,7 @@ from llmemb_dist.distributed import ray_train
 from llmemb_dist.distributed.collective import mean_over_workers
 from llmemb_dist.llm import losses
 from llmemb_dist.llm.loading import tokenize
+from llmemb_dist.progress import Progress
 from llmemb_dist.stages.scft.batches import Views, batch_indices
 from llmemb_dist.stages.scft.memory import PeakMemory
 from llmemb_dist.stages.scft.model import ContrastiveModel, build_contrastive_model, engine_spec
@@ -74,6 +75,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             log.info("rank %d resumed at step %d", rank, start)
 
     fault_marker = layout.scft_fault_marker(cfg)
+    progress = Progress(log, "scft step", s.steps, start=start)
     engine.train()
     t_last, items_since = time.perf_counter(), 0
     for step in range(start, s.steps):
@@ -115,8 +117,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         t_last, items_since = now, 0
         history.append(metrics)
         if rank == 0:
-            eta = (s.steps - done) / max(metrics["items_per_s_per_worker"] / (s.batch_size * s.grad_accumulation), 1e-9)
-            log.info("step %d/%d loss %.4f t %.3f (ETA %.0f s)", done, s.steps, metrics["loss"], metrics["temperature"], eta)
+            progress.update(done, f"loss {metrics['loss']:.4f}, t {metrics['temperature']:.3f}")
         if save:
             _report_with_checkpoint(engine, metrics, history, rank, final=done == s.steps)
         else:

@@ -1,0 +1,138 @@
+"""The public Python API: what the stages publish, used from Python without knowing the storage layout.
+
+    from llmemb_dist.api import ItemEncoder, Recommender, read_embeddings
+
+    table = read_embeddings("runs/embeddings/default")          # pyarrow.Table: item_id, text_hash, embedding
+    encoder = ItemEncoder.from_publication("runs/embeddings/default")
+    vectors = encoder.encode([{"movie_title": "Arrival", "release_year": "2016", "class": "Drama Sci-Fi"}])
+    rec = Recommender.from_publication("runs/rat/default/result", items="runs/adapted/today")
+    rec.top_k(["50", "172", "181"], k=10)                     # [(item_id, score), ...]
+
+Every function takes a publication's URI (a local folder or s3://...) and reads it through its manifest,
+so it sees exactly what was committed.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from llmemb_dist import storage
+from llmemb_dist.config import RatConfig, config_from_dict
+from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH, attribute_columns
+from llmemb_dist.data.embeddings import vectors_of
+
+# The table that holds item vectors, by kind of publication: embeddings, adapted, RAT's result.
+EMBEDDING_TABLES = ("embeddings", "item_embeddings")
+
+
+def read_embeddings(uri: str) -> pa.Table:
+    """The item vectors of an embeddings, adapted or RAT publication: item_id, text_hash, embedding."""
+    manifest = storage.read_manifest(uri)
+    found = [name for name in EMBEDDING_TABLES if name in manifest["tables"]]
+    if not found:
+        raise storage.DataError(f"{uri}: a {manifest.get('kind')!r} publication holds no item vectors "
+                                f"(its tables: {sorted(manifest['tables'])})")
+    return storage.read_parquet_files(storage.table_files(uri, found[0], manifest))
+
+
+class ItemEncoder:
+    """Embeds items exactly as an embeddings version was made: its base model, SCFT adapter (merged),
+    prompt, pooling, maximum length and PCA, through the embedding job's own actor code."""
+
+    def __init__(self, actor, attributes: list[str], pca: dict[str, np.ndarray] | None):
+        self.actor, self.attributes, self.pca = actor, attributes, pca
+
+    @classmethod
+    def from_publication(cls, uri: str, device: str = "cpu", num_threads: int = 0) -> "ItemEncoder":
+        from llmemb_dist.llm.loading import base_model_info, resolve_model
+        from llmemb_dist.stages.embed import pca as embed_pca
+        from llmemb_dist.stages.embed.actor import EmbedActor
+        from llmemb_dist.stages.embed.plan import encoder_identity
+
+        manifest = storage.read_manifest(uri)
+        if manifest.get("kind") != "embeddings":
+            raise storage.DataError(f"{uri}: an ItemEncoder needs an embeddings publication, this is {manifest.get('kind')!r}")
+        cfg = config_from_dict(manifest["config"])
+        base = base_model_info(resolve_model(cfg.model), cfg.model)
+        adapter = manifest.get("adapter")
+        adapter_manifest = adapter and storage.read_manifest(adapter["uri"])
+        # The same identity the embedding job recorded: else this encoder would make other vectors.
+        if encoder_identity(cfg, base, adapter and (adapter["uri"], adapter_manifest)) != manifest.get("encoder"):
+            raise storage.DataError(f"{uri}: its base model ({cfg.model.path}) or SCFT adapter "
+                                    f"({adapter and adapter['uri']}) has changed since it was embedded")
+        adapter_files = adapter and storage.join(storage.data_uri(adapter["uri"], adapter_manifest), "adapter")
+        actor = EmbedActor(cfg.model, adapter_files, batch_size=cfg.embed.batch_size, device=device,
+                           num_threads=num_threads or torch.get_num_threads(), fault_marker=None)
+        catalog = storage.table_files(manifest["catalog"]["uri"], "catalog")[0]
+        attributes = attribute_columns(storage.read_schema(catalog))
+        pca = embed_pca.from_bytes(storage.read_bytes(storage.join(storage.data_uri(uri, manifest), embed_pca.PCA_FILE))) \
+            if manifest.get("pca") else None
+        return cls(actor, attributes, pca)
+
+    def encode(self, items: Iterable[dict[str, Any]]) -> np.ndarray:
+        """(n, d) float32: one vector per item, given as {attribute: value} with the catalog's attribute
+        names (values as the catalog holds them; a missing attribute is empty)."""
+        items = list(items)
+        unknown = sorted({key for item in items for key in item} - set(self.attributes))
+        if unknown:
+            raise ValueError(f"unknown attribute {unknown[0]!r}: this catalog's attributes are {self.attributes}")
+        columns = {ITEM_ID: pa.array([str(k) for k in range(len(items))], pa.string())}
+        columns |= {a: pa.array([None if item.get(a) is None else str(item[a]) for item in items], pa.string())
+                    for a in self.attributes}
+        columns[TEXT_HASH] = pa.array([""] * len(items), pa.string())
+        vectors = vectors_of(self.actor(pa.table(columns)))
+        return vectors if self.pca is None else (vectors - self.pca["mean"]) @ self.pca["components"].T
+
+
+class Recommender:
+    """A trained RAT recommender for serving: scores and top-k over an item table for a user's history.
+
+    The item table is RAT's own (the items it trained on) or, with `items=`, an adapted publication:
+    every item of a catalog version, new ones placed by the adapt stage, ranked like the rest.
+    """
+
+    def __init__(self, model, item_ids: list[str], table: torch.Tensor, max_len: int):
+        self.model, self.item_ids, self.max_len = model.eval(), item_ids, max_len
+        self.row = {item: k + 1 for k, item in enumerate(item_ids)}
+        self.table = torch.cat([torch.zeros(1, table.shape[1]), table])  # row 0 is padding
+        self.model.over_items(self.table)
+
+    @classmethod
+    def from_publication(cls, uri: str, items: str | None = None) -> "Recommender":
+        from safetensors.torch import load
+
+        from llmemb_dist.srs import build_model
+
+        data = storage.data_uri(uri)
+        spec = json.loads(storage.read_bytes(storage.join(data, "model", "model_config.json")))
+        state = load(storage.read_bytes(storage.join(data, "model", "model.safetensors")))
+        rcfg = RatConfig(hidden=spec["hidden"], layers=spec["layers"], heads=spec["heads"], max_len=spec["max_len"])
+        # The backbone alone: the item side is the published table, whatever representation trained it.
+        model = build_model(rcfg, spec["backbone"], "id", spec["num_items"])
+        backbone = {k: v for k, v in state.items() if not k.startswith("items.")}
+        missing = [k for k in model.load_state_dict(backbone, strict=False).missing_keys if not k.startswith("items.")]
+        if missing:
+            raise storage.DataError(f"{uri}: the published model lacks {missing[0]!r}")
+        vectors = read_embeddings(items or uri)
+        return cls(model, vectors.column(ITEM_ID).to_pylist(), torch.from_numpy(vectors_of(vectors)), spec["max_len"])
+
+    @torch.no_grad()
+    def scores(self, history: Sequence[str]) -> np.ndarray:
+        """One score per item of `item_ids` for the user who interacted with `history` (oldest first)."""
+        unknown = [item for item in history if item not in self.row]
+        if unknown:
+            raise ValueError(f"item {unknown[0]!r} of the history is not in this recommender's item table")
+        rows = torch.tensor([[self.row[item] for item in history[-self.max_len:]]])
+        return (self.model.user_repr(rows) @ self.table[1:].T)[0].numpy()
+
+    def top_k(self, history: Sequence[str], k: int = 10, exclude_history: bool = True) -> list[tuple[str, float]]:
+        """The `k` best items as (item_id, score), best first; items of the history left out by default."""
+        scores = self.scores(history)
+        if exclude_history:
+            scores[[self.row[item] - 1 for item in history]] = -np.inf
+        best = np.argsort(-scores, kind="stable")[:k]
+        return [(self.item_ids[i], float(scores[i])) for i in best if np.isfinite(scores[i])]
