@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import Callable
 
-from llmemb_dist.config import Config, ConfigError, key_help, load_config, split_argv, to_dict
+from llmemb_dist.config import Config, ConfigError, flatten, key_help, load_config, split_argv, to_dict
 from llmemb_dist.storage import DataError, StorageError
 
 # stage -> (module, function): imported only when run, so `--help` starts at once
@@ -36,13 +36,7 @@ def help_text(stage: str) -> str:
 
 def changed_keys(cfg: Config) -> str:
     """The resolved values that differ from the built-in defaults, as key=value."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-        return out
-
-    mine, default = flat(to_dict(cfg)), flat(dataclasses.asdict(Config()))
+    mine, default = flatten(to_dict(cfg)), flatten(dataclasses.asdict(Config()))
     return " ".join(f"{k}={v}" for k, v in mine.items() if v != default[k]) or "(all defaults)"
 
 

@@ -311,6 +311,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return _build(Config, _raw(path, list(overrides)), prefix="")
 
 
+def flatten(values: dict[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of keys joined by `sep` (`rat.eval.ks`)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        out.update(flatten(value, sep, name + sep) if isinstance(value, dict) else {name: value})
+    return out
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """A resolved config as a publication's manifest records it, type-checked like a file."""
     return _build(Config, raw, prefix="")

@@ -436,11 +436,11 @@ def _expose(uri: str, manifest: dict[str, Any], previous: dict[str, Any] | None)
                 if entry.is_symlink() and entry.name not in names and TRANSACTION.fullmatch(os.readlink(entry.path).split("/")[0]):
                     os.unlink(entry.path)
             return
-        folders = sorted({f.split("/", 1)[0] for f in _stable_files(manifest) if "/" in f})
+        files = _stable_files(manifest)
+        folders = sorted({f.split("/", 1)[0] for f in files if "/" in f})
         for folder in folders:
             if fs.get_file_info(f"{base}/{folder}/_SUCCESS").type != pafs.FileType.NotFound:
                 fs.delete_file(f"{base}/{folder}/_SUCCESS")
-        files = _stable_files(manifest)
         for rel in sorted(files):
             fs.copy_file(f"{base}/{manifest['data_dir']}/{rel}", f"{base}/{rel}")
         for rel in sorted(_stable_files(previous) - files if previous else ()):

@@ -20,7 +20,7 @@ from functools import lru_cache
 from typing import Any
 
 from llmemb_dist import storage
-from llmemb_dist.config import Config, to_dict, to_yaml
+from llmemb_dist.config import Config, flatten, to_dict, to_yaml
 
 log = logging.getLogger(__name__)
 TENSORBOARD_DIR = "tensorboard"  # the folder of event files inside a publication
@@ -65,18 +65,9 @@ def _close_writer(folder: str) -> None:
         _writers.pop(folder).close()
 
 
-def flatten(values: dict[str, Any], sep: str = "/", prefix: str = "") -> dict[str, Any]:
-    """Nested sections as one level of keys: `a/b/c` (TensorBoard groups its charts by the first part)."""
-    out = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        out.update(flatten(value, sep, name + sep) if isinstance(value, dict) else {name: value})
-    return out
-
-
 def _numbers(values: dict[str, Any]) -> dict[str, float]:
     """The numeric figures, named as MLflow allows ("NDCG@10" becomes "NDCG_10"); flags, text and lists left out."""
-    return {re.sub(r"[^\w./\- ]", "_", k): float(v) for k, v in flatten(values).items()
+    return {re.sub(r"[^\w./\- ]", "_", k): float(v) for k, v in flatten(values, "/").items()
             if isinstance(v, numbers.Real) and not isinstance(v, bool)}
 
 
@@ -159,7 +150,7 @@ def stage_run(cfg: Config, stage: str, name: str) -> Iterator[StageRun]:
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
     run_id = client.create_run(experiment_id, run_name=f"{stage}-{name}", tags={"stage": stage}).info.run_id
-    params = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in flatten(to_dict(cfg), ".").items()]
+    params = [Param(k, str(v)[:MAX_PARAM_VAL_LENGTH]) for k, v in flatten(to_dict(cfg)).items()]
     for i in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
         client.log_batch(run_id, params=params[i:i + MAX_PARAMS_TAGS_PER_BATCH])
     log.info("tracking %s in MLflow run %s (experiment %r at %s)", stage, run_id, cfg.tracking.experiment, uri)

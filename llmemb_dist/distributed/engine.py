@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmemb_dist.config import ZeroStage
+from llmemb_dist.config import ZeroStage, flatten
 
 CHECKPOINT_TAG = "ds"  # a fixed tag: the Ray Train checkpoint folder already names the step
 
@@ -46,16 +46,9 @@ OURS = {
 }
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
 def check_user_config(fragment: dict[str, Any], source: str) -> None:
     """A fragment that sets one of OURS is refused by name before anything runs."""
-    for key in _flat(fragment):
+    for key in flatten(fragment):
         if key in OURS:
             raise ValueError(f"{source}: DeepSpeed setting {key!r} cannot be set here: {OURS[key]}")
 

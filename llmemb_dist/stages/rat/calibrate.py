@@ -17,6 +17,7 @@ import torch
 from llmemb_dist.data.sequences import Sequences, pad_left
 from llmemb_dist.srs import SeqRecommender
 from llmemb_dist.srs.placement import ItemPlacement
+from llmemb_dist.stages.rat.evaluate import leave_out_seen
 
 PSEUDO_NEW_FRACTION = 0.1  # of the trained items
 MAX_SCALE = 4.0
@@ -36,9 +37,7 @@ def validation_scores(model: SeqRecommender, table: torch.Tensor, data: Sequence
         batch = inputs[start: start + batch_size]
         users = model.user_repr(torch.as_tensor(pad_left(batch, max_len))).float()
         scores = users @ table.T
-        scores[:, 0] = -torch.inf
-        for i, seen in enumerate(batch):
-            scores[i, torch.tensor(seen, dtype=torch.long)] = -torch.inf  # a copy: Ray hands read-only arrays
+        leave_out_seen(scores, batch)
         picked = scores[:, chosen]
         trained.append(picked)
         text.append(torch.where(torch.isinf(picked), picked, users @ text_side.T))

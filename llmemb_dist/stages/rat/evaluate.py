@@ -95,6 +95,13 @@ def make_split(data: Sequences, name: str, cfg: EvalConfig) -> EvalSplit:
     )
 
 
+def leave_out_seen(scores: torch.Tensor, inputs: list[np.ndarray]) -> None:
+    """Full ranking's candidates, in place: padding and each user's input items score -inf."""
+    scores[:, 0] = -torch.inf
+    for i, seen in enumerate(inputs):
+        scores[i, torch.tensor(seen, dtype=torch.long)] = -torch.inf  # a copy: Ray hands read-only arrays
+
+
 @torch.no_grad()
 def ranks(scorer: Scorer, split: EvalSplit, users: np.ndarray, max_len: int, batch_size: int = 256,
           protocols: tuple[str, ...] = PROTOCOLS) -> dict[str, np.ndarray]:
@@ -119,9 +126,7 @@ def ranks(scorer: Scorer, split: EvalSplit, users: np.ndarray, max_len: int, bat
         rows = torch.arange(len(batch))
         true = scores[rows, target]
         # Full ranking: padding, the user's input items and the true item itself leave the candidates.
-        scores[:, 0] = -torch.inf
-        for i, u in enumerate(batch):
-            scores[i, torch.tensor(split.inputs[u], dtype=torch.long)] = -torch.inf
+        leave_out_seen(scores, [split.inputs[u] for u in batch])
         scores[rows, target] = -torch.inf
         out["full"][pick] = (scores >= true[:, None]).sum(1).numpy()
     return out
