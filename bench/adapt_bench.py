@@ -7,8 +7,7 @@ cost does not depend on their values) trained on `--trained` items, and for each
 version of that many items (the trained ones first, the rest new). Each size runs `launch/adapt.py` as
 its own process on an embedded Ray (2 CPUs, one actor), alone on the machine: items/s over the stage's
 own work (its log's "published ... in s"), and the peak memory of the driver and of the busiest Ray
-worker, sampled every 0.2 s: resident (RSS, which counts the object-store pages a process maps) and
-private (USS, what the process holds itself).
+worker (bench/procstat.py).
 Writes bench/results/adapt.md, .json and .png; inputs are cached under bench/.cache/adapt/.
 """
 from __future__ import annotations
@@ -18,7 +17,6 @@ import json
 import math
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,7 @@ from llmemb_dist.layout import embeddings_uri, rat_result_uri
 from llmemb_dist.srs.items import build_items
 from llmemb_dist.srs.placement import ItemPlacement
 from llmemb_dist.stages.rat.driver import PLACEMENT_DIR
+from procstat import run_measured
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH / ".cache" / "adapt"
@@ -100,30 +99,13 @@ def measure(version: str, size: int, trained: int) -> dict:
     out_version = f"bench-{size}-{time.strftime('%Y%m%d%H%M%S')}"
     argv = [sys.executable, str(BENCH.parent / "launch" / "adapt.py"), f"root={ROOT}", f"adapt.embeddings={version}",
             f"adapt.version={out_version}", f"rat.run=synthetic-{trained}", *SETTINGS]
-    started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    driver = psutil.Process(proc.pid)
-    peak = {"driver_rss": 0, "driver_uss": 0, "worker_rss": 0, "worker_uss": 0}
-    while proc.poll() is None:
-        try:
-            for who, process in [("driver", driver)] + [("worker", c) for c in driver.children(recursive=True)
-                                                        if c.name().startswith("ray::")]:
-                memory = process.memory_full_info()
-                peak[f"{who}_rss"] = max(peak[f"{who}_rss"], memory.rss)
-                peak[f"{who}_uss"] = max(peak[f"{who}_uss"], memory.uss)
-        except psutil.Error:  # a process ended between the listing and the reading
-            pass
-        time.sleep(0.2)
-    seconds = time.perf_counter() - started
-    log = proc.stdout.read()
-    if proc.returncode:
-        raise SystemExit(f"adapt of {size} items failed:\n{log[-3000:]}")
+    seconds, log, peak = run_measured(argv)
     counts = storage.read_manifest(storage.join(str(ROOT), "adapted", out_version))["counts"]
     # The stage's own time, from reading the first block to the manifest: what grows with the catalog.
     stage = re.search(r"published \S+ in ([\d.]+) s", log)
     stage_s = float(stage[1]) if stage else math.nan
     return {"items": size, "computed": counts["computed"], "seconds": seconds, "stage_seconds": stage_s,
-            "items_per_s": size / stage_s, **{f"{k}_peak_mib": v / 2**20 for k, v in peak.items()}}
+            "items_per_s": size / stage_s, **peak}
 
 
 def write_results(rows: list[dict], args: argparse.Namespace) -> None:

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -52,12 +51,13 @@ from llmemb_dist.stages.embed.actor import EmbedActor
 from llmemb_dist.stages.rat.evaluate import GROUPS, PROTOCOLS
 from llmemb_dist.layout import dataset_uri
 from llmemb_dist.stages.prepare.driver import prepare
-from llmemb_dist.srs.placement import NEW_ITEM_SCALE, ItemPlacement
-from llmemb_dist.stages.rat.calibrate import new_item_scale
+from llmemb_dist.srs.placement import NEW_ITEM_SCALE
+from llmemb_dist.stages.rat.calibrate import calibrated_placement
 from llmemb_dist.stages.rat.cold import COLD_GROUPS, TEXT_ONLY, cold_start_report
 from llmemb_dist.stages.rat.inputs import load_cold_split, load_sequences
 from llmemb_dist.stages.rat.trainer import fit
 from llmemb_dist.srs import build_model
+from procstat import MACHINE, commit
 
 BENCH = Path(__file__).resolve().parent
 CACHE = BENCH / ".cache"
@@ -104,18 +104,6 @@ SCFT = {"quick": ["scft.steps=60"], "full": ["scft.steps=150"]}
 METRICS = ("HR@10", "NDCG@10")
 
 log = logging.getLogger("quality")
-# Where a cell ran: timings, and with them time-budgeted cells, depend on it. QUALITY_MACHINE may describe it better.
-MACHINE = os.environ.get("QUALITY_MACHINE", f"{platform.node()}, {os.cpu_count()} CPUs")
-
-
-def cell_commit() -> str:
-    """The commit a cell ran at, "+changes" if code differs from it (results are rewritten as cells finish)."""
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], cwd=BENCH, capture_output=True, text=True).stdout.strip()
-    changed = git("status", "--porcelain", "--", "..", ":(exclude)results")
-    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+changes" if changed else "")
-
-
 def base_config(dataset: str, model: str, setting: str, extra: list[str]) -> Config:
     return load_config(None, [f"root={CACHE / 'runs'}", "ray.num_cpus=2", f"scft.run=quality-{setting}-{dataset}-{model}"]
                        + DATASETS[dataset] + MODELS[model] + SETTINGS[setting] + SCFT[setting]
@@ -155,7 +143,7 @@ def llm_table(cfg: Config, dataset: str, model: str, item_ids: list[str], tuned:
                  " + SCFT" if tuned else "", path)
         trainer_threads = torch.get_num_threads()  # the actor sets the process's threads; RAT cells keep --threads
         actor = EmbedActor(cfg.model, adapter, batch_size=cfg.embed.batch_size, device="cpu", num_threads=2, fault_marker=None)
-        out = actor(catalog)
+        out = actor.embed_catalog(catalog)
         torch.set_num_threads(trainer_threads)
         row = {item: i for i, item in enumerate(out.column(ITEM_ID).to_pylist())}
         vectors = vectors_of(out)[[row[item] for item in catalog.column(ITEM_ID).to_pylist()]]
@@ -212,11 +200,8 @@ def train_cell(cfg: Config, data, backbone: str, variant: str, llm: np.ndarray |
     if split is not None:
         placement = None
         if item_repr != "id":  # placed as the adapt stage places items nobody has interacted with
-            with torch.no_grad():
-                placement = ItemPlacement(model.items, {"item_repr": item_repr}, data.item_ids, [""] * data.num_items,
-                                          model.items.table())
-            placement.spec[NEW_ITEM_SCALE] = summary["new_item_scale"] = new_item_scale(
-                model, placement, data, llm, cfg.rat.max_len, cfg.rat.new_item_exposure, cfg.rat.seed)
+            placement = calibrated_placement(model, {"item_repr": item_repr}, data, [""] * data.num_items, llm, cfg.rat)
+            summary["new_item_scale"] = placement.spec[NEW_ITEM_SCALE]
         summary["cold_start"] = cold_start_report(cfg.rat, split, {"model": (model, placement)}, llm_all)
     return model, summary
 
@@ -249,7 +234,7 @@ def run(args: argparse.Namespace, command: str) -> None:
     mine = json.loads(cells_file.read_text()) if cells_file.exists() else {}
     setting = "quick" if args.quick else "full"
     tag = setting_tag(setting, args.set)  # changed settings make other cells
-    code = cell_commit()
+    code = commit()
 
     def save(key: str, summary: dict) -> None:
         cells[key] = mine[key] = {**summary, "command": command, "machine": MACHINE, "code": code}
@@ -384,7 +369,7 @@ def run_jobs(args: argparse.Namespace, command: str) -> None:
                 failed.append(task.name)
                 bar.update()
     record = {"command": command, "jobs": args.jobs, "cells_trained": len(done), "failed": failed,
-              "wall_seconds": time.perf_counter() - started, "code": cell_commit(), "machine": MACHINE,
+              "wall_seconds": time.perf_counter() - started, "code": commit(), "machine": MACHINE,
               "finished": time.strftime("%Y-%m-%d %H:%M")}
     RUNS_FILE.parent.mkdir(parents=True, exist_ok=True)
     RUNS_FILE.write_text(json.dumps(recorded_runs() + [record], indent=1))

@@ -84,7 +84,7 @@ class ItemEncoder:
         columns |= {a: pa.array([None if item.get(a) is None else str(item[a]) for item in items], pa.string())
                     for a in self.attributes}
         columns[TEXT_HASH] = pa.array([""] * len(items), pa.string())
-        vectors = vectors_of(self.actor(pa.table(columns)))
+        vectors = vectors_of(self.actor.embed_catalog(pa.table(columns)))
         return vectors if self.pca is None else (vectors - self.pca["mean"]) @ self.pca["components"].T
 
 

@@ -3,6 +3,7 @@
 example as written."""
 import json
 import re
+import shutil
 
 import duckdb
 import numpy as np
@@ -87,6 +88,28 @@ def test_read_embeddings_and_item_encoder_reproduce_the_embedding_job(published)
         ItemEncoder.from_publication(rat_result_uri(cfg))
     with pytest.raises(storage.DataError, match="holds no item vectors"):
         read_embeddings(dataset_uri(cfg))
+
+
+@pytest.mark.slow
+def test_item_encoder_refuses_a_version_whose_adapter_was_republished(published, tmp_path):
+    """A copy of the embeddings version and of its SCFT adapter; republishing the adapter (the same files in a
+    new transaction folder, as an SCFT rerun with overwrite does) must stop the encoder, which would then make
+    other vectors than the version holds."""
+    cfg = published
+    embeddings, adapter = tmp_path / "embeddings", tmp_path / "adapter"
+    shutil.copytree(embeddings_uri(cfg), embeddings, symlinks=True)
+    shutil.copytree(adapter_uri(cfg), adapter, symlinks=True)
+    manifest = json.loads((embeddings / storage.MANIFEST).read_text())
+    manifest["adapter"]["uri"] = str(adapter)
+    (embeddings / storage.MANIFEST).write_text(json.dumps(manifest))
+    ItemEncoder.from_publication(str(embeddings))  # the copy is the same adapter: accepted
+
+    adapter_manifest = json.loads((adapter / storage.MANIFEST).read_text())
+    (adapter / adapter_manifest["data_dir"]).rename(adapter / "data-republished")
+    adapter_manifest["data_dir"] = "data-republished"
+    (adapter / storage.MANIFEST).write_text(json.dumps(adapter_manifest))
+    with pytest.raises(storage.DataError, match="has changed since it was embedded"):
+        ItemEncoder.from_publication(str(embeddings))
 
 
 @pytest.mark.slow

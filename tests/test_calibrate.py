@@ -57,3 +57,14 @@ def test_the_placement_scales_new_items_only():
     placement.spec[NEW_ITEM_SCALE] = 1.5
     after = placement.vectors(ids, ["", "", "", "", ""], raw)
     assert np.array_equal(after[:3], before[:3]) and np.allclose(after[3:], 1.5 * before[3:], atol=1e-6)
+
+
+def test_k_scores_per_user_decide_the_slots_at_every_scale():
+    """validation_scores keeps each user's k best pseudo-new scores, not all of them (users x items would not
+    fit in memory at catalog scale): the slots counted must be the same at any scale."""
+    g = torch.Generator().manual_seed(0)
+    best = torch.randn(50, 10, generator=g)
+    scores = torch.randn(50, 40, generator=g)
+    scores[scores < -1.5] = -torch.inf  # the user's own inputs, left out
+    for scale in (0.5, 1.0, 1.7, 3.0):
+        assert shown(best, scale * scores, 10) == shown(best, scale * scores.topk(10, dim=1).values, 10)

@@ -46,7 +46,7 @@ def ml100k(tmp_path_factory):
 def minilm_table(ml100k):
     """Mean-pooled MiniLM embeddings of the ml-100k catalog, computed by the embedding stage's actor code (no Ray)."""
     cfg, data = ml100k
-    out = EmbedActor(cfg.model, None, batch_size=64, device="cpu", num_threads=2, fault_marker=None)(
+    out = EmbedActor(cfg.model, None, batch_size=64, device="cpu", num_threads=2, fault_marker=None).embed_catalog(
         storage.read_table(dataset_uri(cfg), "catalog"))
     assert out.column("item_id").to_pylist() == data.item_ids
     return vectors_of(out)

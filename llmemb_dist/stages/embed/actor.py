@@ -17,18 +17,34 @@ from llmemb_dist.config import ModelConfig
 from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH, attribute_columns, item_attributes, render_prompt
 from llmemb_dist.data.embeddings import embeddings_table
 from llmemb_dist.llm.loading import (
-    PooledEncoder, load_adapter, load_backbone, load_tokenizer, node_cache_dir, resolve_model, tokenize,
+    PooledEncoder, load_adapter, load_backbone, load_tokenizer, node_cache_dir, resolve_model,
 )
 
-# A Ray batch holds this many model batches; sorting it by prompt length before cutting it into
-# model batches puts prompts of similar length together, so little compute goes to padding.
+# A Ray batch holds this many model batches; sorting it by length before cutting it into model batches
+# puts prompts of similar length together, so little compute goes to padding.
 SORT_WINDOW = 8
+INPUT_IDS = "input_ids"  # the token ids `tokenized` hands the actor, one list<int32> per item
 
 log = logging.getLogger(__name__)
+_tokenizers: dict[tuple[str, str], object] = {}  # per worker process: Ray reuses workers across tasks
+
+
+def tokenized(batch: pa.Table, model: ModelConfig) -> pa.Table:
+    """Catalog rows as (item_id, text_hash, input_ids): the prompt of each item, tokenized and truncated.
+
+    A Ray Data task of its own in the job, so that rendering prompts and tokenizing run on the cores beside
+    the model actors instead of in front of each forward pass."""
+    key = (model.path, model.gguf_file)
+    if key not in _tokenizers:
+        _tokenizers[key] = load_tokenizer(resolve_model(model))
+    columns = attribute_columns(batch.schema)
+    prompts = [render_prompt(model.instruction, item_attributes(row, columns)) for row in batch.select(columns).to_pylist()]
+    ids = _tokenizers[key](prompts, truncation=True, max_length=model.max_length)["input_ids"]
+    return pa.table({ITEM_ID: batch[ITEM_ID], TEXT_HASH: batch[TEXT_HASH], INPUT_IDS: pa.array(ids, pa.list_(pa.int32()))})
 
 
 class EmbedActor:
-    """One model replica; Ray Data calls it with batches of catalog rows (a class UDF on an actor pool)."""
+    """One model replica; Ray Data calls it with batches of `tokenized` rows (a class UDF on an actor pool)."""
 
     def __init__(
         self, model: ModelConfig, adapter_files: str | None, batch_size: int, device: str,
@@ -37,7 +53,7 @@ class EmbedActor:
         if device == "cpu":
             torch.set_num_threads(max(1, num_threads))
         source = resolve_model(model)
-        self.tokenizer = load_tokenizer(source)
+        self.pad_id = load_tokenizer(source).pad_token_id
         backbone = load_backbone(source, model)
         if adapter_files:
             cache = node_cache_dir(model) / "adapters" / hashlib.sha256(adapter_files.encode()).hexdigest()[:16]
@@ -48,20 +64,30 @@ class EmbedActor:
         self.fault_marker = fault_marker
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        columns = attribute_columns(batch.schema)
-        prompts = [render_prompt(self.model.instruction, item_attributes(row, columns)) for row in batch.select(columns).to_pylist()]
-        order = np.argsort([len(p) for p in prompts], kind="stable")
+        ids = batch[INPUT_IDS].combine_chunks()
+        offsets, values = ids.offsets.to_numpy(), ids.values.to_numpy()
+        lengths = np.diff(offsets)
+        order = np.argsort(lengths, kind="stable")
         chunks = []
         with torch.inference_mode():
-            for start in range(0, len(prompts), self.batch_size):
-                enc = tokenize(self.tokenizer, [prompts[i] for i in order[start:start + self.batch_size]], self.model.max_length)
-                chunks.append(self.encoder(**{k: v.to(self.device) for k, v in enc.items()}).cpu().numpy())
-        vectors = np.empty((len(prompts), chunks[0].shape[1]), dtype=np.float32)
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start:start + self.batch_size]
+                # Right-padded as the tokenizer pads: `last` pooling finds the last real token from the mask.
+                mask = np.arange(lengths[rows].max()) < lengths[rows, None]
+                input_ids = np.full(mask.shape, self.pad_id, dtype=np.int64)
+                input_ids[mask] = np.concatenate([values[offsets[k]:offsets[k + 1]] for k in rows])
+                chunks.append(self.encoder(input_ids=torch.from_numpy(input_ids).to(self.device),
+                                           attention_mask=torch.from_numpy(mask.astype(np.int64)).to(self.device)).cpu().numpy())
+        vectors = np.empty((len(order), chunks[0].shape[1]), dtype=np.float32)
         vectors[order] = np.concatenate(chunks)
         if self.fault_marker and _claim(self.fault_marker):  # dies with its batch computed but not returned
             log.warning("fault injection: embedding actor %d exits mid-run", os.getpid())
             os._exit(1)
         return embeddings_table(batch[ITEM_ID].combine_chunks(), batch[TEXT_HASH].combine_chunks(), vectors)
+
+    def embed_catalog(self, catalog: pa.Table) -> pa.Table:
+        """The job's two steps in one process: catalog rows to their embeddings."""
+        return self(tokenized(catalog, self.model))
 
 
 def _claim(marker: str) -> bool:

@@ -11,7 +11,7 @@ from llmemb_dist import storage
 from llmemb_dist.blockio import keep_rows, read, uris
 from llmemb_dist.config import Config
 from llmemb_dist.stages.embed import pca as embed_pca
-from llmemb_dist.stages.embed.actor import SORT_WINDOW, EmbedActor
+from llmemb_dist.stages.embed.actor import SORT_WINDOW, EmbedActor, tokenized
 from llmemb_dist.stages.embed.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,12 @@ def embedded(cfg: Config, plan: Plan, adapter: tuple[str, dict] | None, txn: str
     if plan.reused:
         catalog = catalog.map_batches(keep_rows, fn_kwargs={"ids_ref": ray.put(plan.reused_ids), "keep": False}, batch_format="pyarrow")
     marker = str(Path(tempfile.gettempdir()) / f"llmemb-embed-fault-{txn}") if e.fail_actor_once else None
-    return catalog.map_batches(
+    # Prompts are rendered and tokenized by tasks beside the actors, so a forward pass never waits for them.
+    # Two tasks per actor keep the actors fed (tokenizing costs far less than the forward); a task pool of
+    # its own size is also what keeps Ray Data from fusing these tasks into the actors.
+    tokens = catalog.map_batches(tokenized, fn_kwargs={"model": cfg.model}, batch_size=e.batch_size * SORT_WINDOW,
+                                 batch_format="pyarrow", concurrency=2 * e.num_actors)
+    return tokens.map_batches(
         EmbedActor,
         fn_constructor_kwargs={
             "model": cfg.model,

@@ -16,7 +16,8 @@ import torch
 
 from llmemb_dist.data.sequences import Sequences, pad_left
 from llmemb_dist.srs import SeqRecommender
-from llmemb_dist.srs.placement import ItemPlacement
+from llmemb_dist.config import RatConfig
+from llmemb_dist.srs.placement import NEW_ITEM_SCALE, ItemPlacement
 from llmemb_dist.stages.rat.evaluate import leave_out_seen
 
 PSEUDO_NEW_FRACTION = 0.1  # of the trained items
@@ -28,7 +29,10 @@ STEPS = 12  # bisection steps: the scale to within (MAX_SCALE - 1) / 2**12
 def validation_scores(model: SeqRecommender, table: torch.Tensor, data: Sequences, items: np.ndarray,
                       text_side: torch.Tensor, max_len: int, k: int, batch_size: int = 512):
     """Per validation user: the k best scores among the items not in `items` (their inputs left out, as in
-    full ranking), and the scores of `items` with their trained vectors and with their text side alone."""
+    full ranking), and the k best of `items` with their trained vectors and with their text side alone.
+
+    Only k of each can reach a top-k list, and scaling the text side keeps the order among `items`, so k
+    scores per user decide every scale: memory grows with the users, not with users x items."""
     inputs, _ = data.split("valid")
     chosen = torch.zeros(len(table), dtype=torch.bool)
     chosen[torch.as_tensor(items)] = True
@@ -39,8 +43,8 @@ def validation_scores(model: SeqRecommender, table: torch.Tensor, data: Sequence
         scores = users @ table.T
         leave_out_seen(scores, batch)
         picked = scores[:, chosen]
-        trained.append(picked)
-        text.append(torch.where(torch.isinf(picked), picked, users @ text_side.T))
+        trained.append(picked.topk(min(k, len(items)), dim=1).values)
+        text.append(torch.where(torch.isinf(picked), picked, users @ text_side.T).topk(min(k, len(items)), dim=1).values)
         best.append(scores.masked_fill(chosen, -torch.inf).topk(k, dim=1).values)
     return torch.cat(best), torch.cat(trained), torch.cat(text)
 
@@ -70,3 +74,14 @@ def new_item_scale(model: SeqRecommender, placement: ItemPlacement, data: Sequen
         middle = (low + high) / 2
         low, high = (middle, high) if shown(best, middle * text, k) < target else (low, middle)
     return high
+
+
+def calibrated_placement(model: SeqRecommender, spec: dict, data: Sequences, text_hashes: list[str],
+                         llm: np.ndarray | None, rcfg: RatConfig) -> ItemPlacement:
+    """The trained items placed as RAT publishes them; with an LLM side, a new item's scale calibrated too."""
+    with torch.no_grad():
+        placement = ItemPlacement(model.items, spec, data.item_ids, text_hashes, model.items.table())
+    if llm is not None:
+        placement.spec[NEW_ITEM_SCALE] = new_item_scale(model, placement, data, llm, rcfg.max_len,
+                                                        rcfg.new_item_exposure, rcfg.seed)
+    return placement

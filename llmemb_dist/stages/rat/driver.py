@@ -15,16 +15,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from llmemb_dist import layout, storage, tracking
 from llmemb_dist.config import Config, RatConfig, config_hash, to_dict
 from llmemb_dist.distributed.cluster import init_ray
 from llmemb_dist.data.embeddings import embeddings_table
+from llmemb_dist.data.sequences import Sequences
 from llmemb_dist.srs import SeqRecommender
 from llmemb_dist.srs.placement import NEW_ITEM_SCALE, ItemPlacement
 from llmemb_dist.stages.rat import report
-from llmemb_dist.stages.rat.calibrate import new_item_scale
+from llmemb_dist.stages.rat.calibrate import calibrated_placement
 from llmemb_dist.stages.rat.cold import cold_start_report
 from llmemb_dist.stages.rat.evaluate import check_negatives
 from llmemb_dist.stages.rat.inputs import catalog_text_hashes, load_cold_split, load_llm_table, load_sequences
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 PLACEMENT_DIR = "placement"
 
 
-def item_placement(model: SeqRecommender, rcfg: RatConfig, item_ids: list[str], text_hashes: list[str],
+def item_placement(model: SeqRecommender, rcfg: RatConfig, data: Sequences, text_hashes: list[str],
                    llm: np.ndarray | None, emb_uri: str) -> ItemPlacement:
     """The trained item representation with what adapt needs to place any item the way RAT does."""
     spec = {"item_repr": rcfg.item_repr, "hidden": rcfg.hidden, "adapter_hidden": rcfg.adapter_hidden,
@@ -43,8 +43,10 @@ def item_placement(model: SeqRecommender, rcfg: RatConfig, item_ids: list[str], 
         manifest = storage.read_manifest(emb_uri)
         spec["embeddings"] = {"uri": emb_uri, "data_dir": manifest["data_dir"], "encoder": manifest.get("encoder"),
                               "base_model": manifest.get("base_model")}
-    with torch.no_grad():
-        return ItemPlacement(model.items, spec, item_ids, text_hashes, model.items.table())
+    placement = calibrated_placement(model, spec, data, text_hashes, llm, rcfg)
+    if llm is not None:
+        log.info("a new item's text side is scaled by %.3f (calibrated on validation users)", placement.spec[NEW_ITEM_SCALE])
+    return placement
 
 
 def item_table(placement: ItemPlacement, item_ids: list[str], text_hashes: list[str], llm: np.ndarray | None) -> pa.Table:
@@ -109,11 +111,7 @@ def _train_and_publish(cfg: Config, inputs: dict[str, str], run: tracking.StageR
     metrics = {"main": main, "baseline": baseline_name, "dropped_users": data.dropped_users,
                "users": len(data.seqs), "items": data.num_items, "variants": variants}
     hashes = catalog_text_hashes(cfg, data.item_ids)
-    placement = item_placement(model, rcfg, data.item_ids, hashes, llm, emb_uri)
-    if uses_llm:
-        placement.spec[NEW_ITEM_SCALE] = new_item_scale(model, placement, data, llm, rcfg.max_len,
-                                                        rcfg.new_item_exposure, rcfg.seed)
-        log.info("a new item's text side is scaled by %.3f (calibrated on validation users)", placement.spec[NEW_ITEM_SCALE])
+    placement = item_placement(model, rcfg, data, hashes, llm, emb_uri)
     if split is not None:
         metrics["cold_start"] = cold_start_report(rcfg, split, {baseline_name: (baseline, None), main: (model, placement)},
                                                   llm_all)
