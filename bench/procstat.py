@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -57,8 +58,6 @@ def run_measured(argv: list[str]) -> tuple[float, str, dict[str, float]]:
 
 def _drain(proc: subprocess.Popen, into: list[str]):
     """Reads the process's output as it comes, so a chatty process never blocks on a full pipe."""
-    import threading
-
     thread = threading.Thread(target=lambda: into.extend(proc.stdout), daemon=True)
     thread.start()
     return thread

@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from llmemb_dist.config import RatConfig
 from llmemb_dist.data.sequences import Sequences, pad_left
 from llmemb_dist.srs import SeqRecommender
-from llmemb_dist.config import RatConfig
 from llmemb_dist.srs.placement import NEW_ITEM_SCALE, ItemPlacement
 from llmemb_dist.stages.rat.evaluate import leave_out_seen
 
@@ -37,14 +37,15 @@ def validation_scores(model: SeqRecommender, table: torch.Tensor, data: Sequence
     chosen = torch.zeros(len(table), dtype=torch.bool)
     chosen[torch.as_tensor(items)] = True
     best, trained, text = [], [], []
+    kept = min(k, len(items))  # per user, of `items`
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start: start + batch_size]
         users = model.user_repr(torch.as_tensor(pad_left(batch, max_len))).float()
         scores = users @ table.T
         leave_out_seen(scores, batch)
         picked = scores[:, chosen]
-        trained.append(picked.topk(min(k, len(items)), dim=1).values)
-        text.append(torch.where(torch.isinf(picked), picked, users @ text_side.T).topk(min(k, len(items)), dim=1).values)
+        trained.append(picked.topk(kept, dim=1).values)
+        text.append(torch.where(torch.isinf(picked), picked, users @ text_side.T).topk(kept, dim=1).values)
         best.append(scores.masked_fill(chosen, -torch.inf).topk(k, dim=1).values)
     return torch.cat(best), torch.cat(trained), torch.cat(text)
 
