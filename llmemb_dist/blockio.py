@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -20,32 +21,77 @@ from llmemb_dist.progress import Progress
 CHECKSUM_ROWS = 65_536
 
 
-def read(uris: list[str], columns: list[str] | None = None, min_blocks: int = 0):
+def read(uris: list[str], columns: list[str] | None = None, min_blocks: int = 0, include_paths: bool = False):
     import ray
 
     fs, _ = storage.resolve(uris[0])
     blocks = {"override_num_blocks": max(len(uris), min_blocks)} if min_blocks else {}
-    return ray.data.read_parquet([storage.resolve(u)[1] for u in uris], filesystem=fs, columns=columns, **blocks)
+    return ray.data.read_parquet([storage.resolve(u)[1] for u in uris], filesystem=fs, columns=columns,
+                                 include_paths=include_paths, **blocks)
 
 
-def read_keys(files: list[str]) -> pa.Table:
-    """The (item_id, text_hash) columns only; read by Ray workers, gathered on the driver."""
+def read_keys(files: list[str], with_file: bool = False) -> pa.Table:
+    """The (item_id, text_hash) columns only, read by Ray workers and gathered on the driver; `with_file`
+    adds `file`, the index in `files` of the file each row is in."""
+    import pyarrow.compute as pc
     import ray
 
-    tables = ray.get(read(files, columns=[ITEM_ID, TEXT_HASH]).to_arrow_refs())
-    return pa.concat_tables([t.select([ITEM_ID, TEXT_HASH]) for t in tables]).combine_chunks()
+    tables = ray.get(read(files, columns=[ITEM_ID, TEXT_HASH], include_paths=with_file).to_arrow_refs())
+    keys = pa.concat_tables([t.select([ITEM_ID, TEXT_HASH, *(["path"] if with_file else [])]) for t in tables]).combine_chunks()
+    if not with_file:
+        return keys
+    index = pc.index_in(keys["path"], value_set=pa.array([storage.resolve(f)[1] for f in files]))
+    return keys.drop(["path"]).append_column("file", index)
 
 
-def unchanged_since(keys: pa.Table, previous_keys: pa.Table) -> tuple[pa.Array, int]:
-    """The item ids whose (item_id, text_hash) row is in both key tables, and how many previous ids are gone."""
+def _joined(t: pa.Table) -> pa.ChunkedArray:
     import pyarrow.compute as pc
 
-    def joined(t: pa.Table) -> pa.ChunkedArray:
-        return pc.binary_join_element_wise(t[ITEM_ID], t[TEXT_HASH], "\x1f")
+    return pc.binary_join_element_wise(t[ITEM_ID], t[TEXT_HASH], "\x1f")
 
-    same = pc.is_in(joined(keys), value_set=joined(previous_keys))
-    removed = int(pc.sum(pc.invert(pc.is_in(previous_keys[ITEM_ID], value_set=keys[ITEM_ID]))).as_py() or 0)
-    return keys[ITEM_ID].filter(same).combine_chunks(), removed
+
+@dataclass
+class CarryOver:
+    """What an incremental run takes from the previous version of its table. A previous file every row
+    of which is still current is copied as it is, by the storage (a hard link on a local disk, a
+    server-side copy on S3): no worker reads or rewrites it. From the other previous files the current
+    rows are read and rewritten. So a day that adds items to a catalog costs what the new items cost."""
+
+    reused_ids: pa.Array  # every item whose row is carried over
+    removed: int  # previous items no longer in the catalog
+    whole: list[dict] = field(default_factory=list)  # {"uri", "file", "rows", "checksum"} of files copied as they are
+    partial: list[str] = field(default_factory=list)  # URIs of files whose current rows are rewritten
+
+    @property
+    def reused(self) -> int:
+        return len(self.reused_ids)
+
+    def file_counts(self) -> dict[str, int]:
+        """What the manifest records of it: previous files copied as they are, and rewritten in part."""
+        return {"copied": len(self.whole), "rewritten": len(self.partial)}
+
+
+def carry_over(keys: pa.Table, previous_files: list[str]) -> CarryOver:
+    """Which rows of the previous version's files (`previous_files`) the catalog's `keys` still hold as
+    they are: an item whose (item_id, text_hash) row is in both is carried over."""
+    import pyarrow.compute as pc
+
+    previous = read_keys(previous_files, with_file=True)
+    same = pc.is_in(_joined(previous), value_set=_joined(keys))
+    removed = int(pc.sum(pc.invert(pc.is_in(previous[ITEM_ID], value_set=keys[ITEM_ID]))).as_py() or 0)
+    carry = CarryOver(previous[ITEM_ID].filter(same).combine_chunks(), removed)
+    previous = previous.append_column("same", same).sort_by("file")
+    counts = previous.group_by("file").aggregate([("same", "sum"), ("same", "count")]).sort_by("file")
+    start = 0
+    for k, current, rows in zip(*(counts[c].to_pylist() for c in ("file", "same_sum", "same_count"))):
+        uri, block = previous_files[k], previous.slice(start, rows)
+        start += rows
+        if current == rows:
+            carry.whole.append({"uri": uri, "file": uri.rsplit("/", 1)[-1], "rows": rows,
+                                "checksum": key_checksum(block[ITEM_ID], block[TEXT_HASH])})
+        elif current:
+            carry.partial.append(uri)
+    return carry
 
 
 def key_checksum(item_ids: pa.Array | pa.ChunkedArray, hashes: pa.Array | pa.ChunkedArray) -> int:
@@ -90,12 +136,12 @@ def write_block(batch: pa.Table, folder_uri: str) -> pa.Table:
     return pa.table({"file": [name], "rows": pa.array([batch.num_rows], pa.int64()), "checksum": pa.array([checksum], pa.uint64())})
 
 
-def write(dataset, folder: str, rows_per_file: int, progress: Progress | None = None) -> list[dict]:
+def write(dataset, folder: str, rows_per_file: int, progress: Progress | None = None, done: int = 0) -> list[dict]:
     """Writes the dataset as content-named Parquet files; returns one record per distinct file. `progress`
-    hears of the rows written so far as each file is."""
+    hears of the rows written so far (after `done` rows already there) as each file is."""
     written = dataset.map_batches(write_block, fn_kwargs={"folder_uri": folder}, batch_size=rows_per_file, batch_format="pyarrow")
     files: dict[str, dict] = {}
-    rows = 0
+    rows = done
     for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
         for record in batch.to_pylist():
             # A block written twice (its task retried) wrote the same file twice: count it once.
@@ -104,6 +150,29 @@ def write(dataset, folder: str, rows_per_file: int, progress: Progress | None = 
         if progress:
             progress.update(rows)
     return list(files.values())
+
+
+def write_with_carry_over(parts: list, carry: CarryOver | None, folder: str, rows_per_file: int,
+                          progress: Progress | None = None) -> list[dict]:
+    """Writes the computed `parts` (Ray Datasets) and what `carry` takes from the previous version: its
+    whole files copied as they are, the current rows of its other files rewritten; returns every file's record."""
+    import ray
+
+    copied = []
+    if carry is not None:
+        storage.copy_files([(c["uri"], storage.join(folder, c["file"])) for c in carry.whole])
+        copied = [{k: c[k] for k in ("file", "rows", "checksum")} for c in carry.whole]
+        if carry.partial:
+            parts = parts + [read(carry.partial).map_batches(
+                keep_rows, fn_kwargs={"ids_ref": ray.put(carry.reused_ids), "keep": True}, batch_format="pyarrow")]
+    done = sum(c["rows"] for c in copied)
+    if progress:
+        progress.start = done  # the pace, and so the ETA, is the written rows'
+        progress.update(done)
+    if not parts:
+        return copied
+    dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    return copied + write(dataset, folder, rows_per_file, progress, done)
 
 
 def uris(folder: str, meta: list[dict]) -> list[str]:

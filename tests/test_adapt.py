@@ -96,6 +96,12 @@ def test_new_and_changed_items_are_placed_and_an_incremental_run_computes_only_t
         assert not np.allclose(day2[item], day1[item])
 
     assert adapt(day2_cfg) == uri and storage.read_manifest(uri) == manifest  # nothing changed: nothing to do
+    # The next day with the same embeddings: nothing to compute, and day 2's files are linked, not rewritten.
+    day3 = adapt(load_config(None, base + ["adapt.version=day3", "adapt.embeddings=v2", "adapt.incremental_from=day2"]))
+    day3_manifest = storage.read_manifest(day3)
+    assert day3_manifest["counts"] == {"items": 65, "computed": 0, "reused": 65, "removed": 0}
+    assert day3_manifest["carried_files"] == {"copied": len(manifest["tables"]["item_embeddings"]["files"]), "rewritten": 0}
+    assert by_id(storage.read_table(day3, "item_embeddings")).keys() == day2.keys()
 
 
 def test_bad_inputs_are_refused_and_publish_nothing(trained, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -124,15 +125,28 @@ def test_incremental_equals_full_and_unchanged_rerun_does_no_model_work(ray_loca
     changed = make_cfg(root, "minilm", "dataset.name=changed", "embed.version=v2", "embed.incremental_from=v1")
     publish_catalog(changed, changed_catalog(storage.read_table(dataset_uri(cfg), "catalog")))
     uri = embed(changed)
-    assert storage.read_manifest(uri)["counts"] == {"items": MAX_ITEMS - 1, "new": 4, "reused": MAX_ITEMS - 5, "removed": 3}
+    manifest = storage.read_manifest(uri)
+    assert manifest["counts"] == {"items": MAX_ITEMS - 1, "new": 4, "reused": MAX_ITEMS - 5, "removed": 3}
     catalog = storage.read_table(dataset_uri(changed), "catalog")
     assert_matches(uri, reference_vectors(changed, catalog), catalog)
+    # v1's files that hold no removed or edited item are copied as they are; the others' current rows rewritten.
+    current = set(zip(catalog[ITEM_ID].to_pylist(), catalog[TEXT_HASH].to_pylist()))
+    v1_files = storage.table_files(embeddings_uri(cfg, "v1"), "embeddings")
+    whole = {f.rsplit("/", 1)[-1] for f in v1_files
+             if set(zip(*(storage.read_parquet_files([f])[c].to_pylist() for c in (ITEM_ID, TEXT_HASH)))) <= current}
+    assert set(manifest["tables"]["embeddings"]["files"]) & {f.rsplit("/", 1)[-1] for f in v1_files} == whole
+    assert manifest["carried_files"] == {"copied": len(whole), "rewritten": len(v1_files) - len(whole)}
 
     caplog.set_level(logging.INFO, logger="llmemb_dist.stages.embed")
     again = make_cfg(root, "minilm", "dataset.name=changed", "embed.version=v3", "embed.incremental_from=v2")
     again_uri = embed(again)
-    assert storage.read_manifest(again_uri)["counts"] == {"items": MAX_ITEMS - 1, "new": 0, "reused": MAX_ITEMS - 1, "removed": 0}
+    again_manifest = storage.read_manifest(again_uri)
+    assert again_manifest["counts"] == {"items": MAX_ITEMS - 1, "new": 0, "reused": MAX_ITEMS - 1, "removed": 0}
     assert "no model work" in caplog.text
+    # Nothing changed: every file of v2 is v3's too, linked on this disk, not rewritten.
+    v2_files, v3_files = (storage.table_files(u, "embeddings") for u in (uri, again_uri))
+    assert again_manifest["carried_files"] == {"copied": len(v2_files), "rewritten": 0}
+    assert all(os.path.samefile(a, b) for a, b in zip(sorted(v2_files), sorted(v3_files)))
     assert_matches(again_uri, reference_vectors(changed, catalog), catalog)
 
 

@@ -114,9 +114,13 @@ def test_rendered_refresh_chain_imports_embeds_and_adapts_only_what_changed(s3_r
     upload_catalog(incoming, titles3)
     run_refresh("day3", "day2", "day2")
     day3 = day("day3")
-    assert storage.read_manifest(embeddings_uri(day3, "day3"))["counts"]["new"] == 2
+    embedded3 = storage.read_manifest(embeddings_uri(day3, "day3"))
+    assert embedded3["counts"]["new"] == 2
     manifest = storage.read_manifest(adapted_uri(day3))
     assert manifest["counts"] == {"items": 34, "computed": 2, "reused": 32, "removed": 0}
+    # Day 2's files without t10 (16 rows a file) are copied on the store, the one with it rewritten.
+    for published in (embedded3, manifest):
+        assert published["carried_files"]["rewritten"] == 1 and published["carried_files"]["copied"] >= 1
     adapted3 = by_id(adapted_uri(day3), "item_embeddings")
     assert sorted(adapted3) == sorted(titles3)
     assert all(np.array_equal(adapted3[item], adapted2[item]) for item in adapted2 if item != "t10")

@@ -44,29 +44,24 @@ def adapt(cfg: Config) -> str:
     check_actor_pool(cfg.adapt.num_actors, cfg.adapt.cpus_per_actor, "adapt")
     emb_files = storage.table_files(emb_uri, "embeddings", emb_manifest)
     keys = blockio.read_keys(emb_files)
-    reused, removed, previous = carried_over(cfg, keys, inputs)
-    counts = {"items": keys.num_rows, "computed": keys.num_rows - len(reused), "reused": len(reused), "removed": removed}
+    carry, previous = carried_over(cfg, keys, inputs)
+    reused = carry.reused if carry else 0
+    counts = {"items": keys.num_rows, "computed": keys.num_rows - reused, "reused": reused,
+              "removed": carry.removed if carry else 0}
     log.info("adapting %s with %s into %s: %s", emb_uri, rat_uri, out_uri, counts)
     started = time.time()
     with tracking.stage_run(cfg, "adapt", cfg.adapt.version) as run, storage.publish(
             out_uri, kind="adapted", config=to_dict(cfg), config_hash=config_hash(cfg.adapt), inputs=inputs) as pub:
         parts = []
         if counts["computed"]:
-            parts.append(placed(cfg, emb_files, reused, storage.join(storage.data_uri(rat_uri, rat_manifest),
-                                                                     placement["folder"])))
-        if reused:
-            import ray
-
-            files = storage.table_files(previous[0], TABLE, previous[1])
-            parts.append(blockio.read(files).map_batches(
-                blockio.keep_rows, fn_kwargs={"ids_ref": ray.put(reused), "keep": True}, batch_format="pyarrow"))
-        dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        meta = blockio.write(dataset, storage.join(pub.data_uri, TABLE), cfg.adapt.rows_per_file,
-                             Progress(log, "adapt", counts["items"], unit="items"))
+            parts.append(placed(cfg, emb_files, carry, storage.join(storage.data_uri(rat_uri, rat_manifest),
+                                                                    placement["folder"])))
+        meta = blockio.write_with_carry_over(parts, carry, storage.join(pub.data_uri, TABLE), cfg.adapt.rows_per_file,
+                                             Progress(log, "adapt", counts["items"], unit="items"))
         rows = blockio.verify(meta, keys, out_uri, "adapted vectors")
         pub.add_table_files(TABLE, [m["file"] for m in meta], rows, embeddings_schema(placement["hidden"]))
-        pub.info.update(counts=counts, dim=placement["hidden"], item_repr=placement["item_repr"],
-                        previous=previous and previous[0])
+        pub.info.update(counts=counts, dim=placement["hidden"], item_repr=placement["item_repr"], previous=previous,
+                        carried_files=carry and carry.file_counts())
         seconds = time.time() - started
         run.log_final({**counts, "seconds": seconds, "items_per_s": counts["computed"] / max(seconds, 1e-9)})
         run.publish(pub)
@@ -101,10 +96,10 @@ def check_inputs(rat_uri: str, rat_manifest: dict, emb_uri: str, emb_manifest: d
     return placement
 
 
-def carried_over(cfg: Config, keys: pa.Table, inputs: dict) -> tuple[pa.Array, int, tuple[str, dict] | None]:
-    """Item ids whose adapted vector a previous version already holds from the same model and LLM vector."""
+def carried_over(cfg: Config, keys: pa.Table, inputs: dict) -> tuple[blockio.CarryOver | None, str | None]:
+    """What a previous adapted version holds from the same model and LLM vectors, and its URI."""
     if not cfg.adapt.incremental_from:
-        return pa.array([], pa.string()), 0, None
+        return None, None
     prev_uri = layout.adapted_uri(cfg, cfg.adapt.incremental_from)
     prev = storage.read_manifest(prev_uri)
     same_model = prev["inputs"]["rat"]["data_dir"] == inputs["rat"]["data_dir"]
@@ -112,20 +107,19 @@ def carried_over(cfg: Config, keys: pa.Table, inputs: dict) -> tuple[pa.Array, i
     if not (same_model and same_encoder):
         log.warning("%s was adapted with another RAT model or encoder: no vector can be reused, adapting every item",
                     prev_uri)
-        return pa.array([], pa.string()), 0, None
-    reused, removed = blockio.unchanged_since(keys, blockio.read_keys(storage.table_files(prev_uri, TABLE, prev)))
-    return reused, removed, (prev_uri, prev)
+        return None, None
+    return blockio.carry_over(keys, storage.table_files(prev_uri, TABLE, prev)), prev_uri
 
 
-def placed(cfg: Config, emb_files: list[str], reused: pa.Array, placement_uri: str):
+def placed(cfg: Config, emb_files: list[str], carry: blockio.CarryOver | None, placement_uri: str):
     """The Ray Dataset of the items to compute, through the placement on an actor pool (lazy)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     a = cfg.adapt
     dataset = blockio.read(emb_files, min_blocks=a.num_actors * 4)
-    if len(reused):
-        dataset = dataset.map_batches(blockio.keep_rows, fn_kwargs={"ids_ref": ray.put(reused), "keep": False},
+    if carry and carry.reused:
+        dataset = dataset.map_batches(blockio.keep_rows, fn_kwargs={"ids_ref": ray.put(carry.reused_ids), "keep": False},
                                       batch_format="pyarrow")
     return dataset.map_batches(
         PlaceActor, fn_constructor_kwargs={"placement_uri": placement_uri, "num_threads": int(a.cpus_per_actor)},

@@ -1,5 +1,5 @@
-"""The Ray Data side of the embedding job: the catalog through the model's actor pool, vectors carried
-over from a previous version, and the streaming PCA fit. Blocks are written by blockio.py.
+"""The Ray Data side of the embedding job: the catalog through the model's actor pool and the streaming
+PCA fit. Blocks are written, and vectors carried over from a previous version, by blockio.py.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def embedded(cfg: Config, plan: Plan, adapter: tuple[str, dict] | None, txn: str
     # few read tasks per actor (splitting files at read time keeps the pipeline streaming).
     catalog = read(plan.catalog_files, min_blocks=e.num_actors * 4)
     if plan.reused:
-        catalog = catalog.map_batches(keep_rows, fn_kwargs={"ids_ref": ray.put(plan.reused_ids), "keep": False}, batch_format="pyarrow")
+        catalog = catalog.map_batches(keep_rows, fn_kwargs={"ids_ref": ray.put(plan.carry.reused_ids), "keep": False}, batch_format="pyarrow")
     marker = str(Path(tempfile.gettempdir()) / f"llmemb-embed-fault-{txn}") if e.fail_actor_once else None
     # Prompts are rendered and tokenized by tasks beside the actors, so a forward pass never waits for them.
     # Two tasks per actor keep the actors fed (tokenizing costs far less than the forward); a task pool of
@@ -53,13 +53,6 @@ def embedded(cfg: Config, plan: Plan, adapter: tuple[str, dict] | None, txn: str
         # a dead actor is restarted and its batch retried; passing them is deprecated) and on the
         # idempotent writes and the checksum; the actor-fault test checks the whole.
     )
-
-
-def carried_over(plan: Plan):
-    import ray
-
-    files = storage.table_files(plan.previous, "embeddings", plan.previous_manifest)
-    return read(files).map_batches(keep_rows, fn_kwargs={"ids_ref": ray.put(plan.reused_ids), "keep": True}, batch_format="pyarrow")
 
 
 def fit_pca(folder: str, files: list[dict], dim: int) -> dict:

@@ -74,10 +74,8 @@ def embed(cfg: Config) -> str:
             if plan.new:
                 new = dataflow.embedded(cfg, plan, adapter, pub.data_dir)
                 parts.append(new.map_batches(embed_pca.project, fn_kwargs={"pca": pca}, batch_format="pyarrow") if pca else new)
-            if plan.reused:
-                parts.append(dataflow.carried_over(plan))
-            meta = blockio.write(parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0], folder, cfg.embed.rows_per_file,
-                                 Progress(log, "embed", plan.keys.num_rows, unit="items"))
+            meta = blockio.write_with_carry_over(parts, plan.carry, folder, cfg.embed.rows_per_file,
+                                                 Progress(log, "embed", plan.keys.num_rows, unit="items"))
         rows = blockio.verify(meta, plan.keys, out_uri, "embeddings")
         seconds = time.time() - start
         log.info("wrote %d embeddings in %d files in %.1f s (%.1f items/s embedded)",
@@ -95,6 +93,7 @@ def embed(cfg: Config) -> str:
             pca=cfg.embed.pca_dim or None,
             encoder=encoder,
             previous=plan.previous,
+            carried_files=plan.carry and plan.carry.file_counts(),
         )
         run.log_final({**counts, "rows": rows, "seconds": seconds, "items_per_s": plan.new / max(seconds, 1e-9)})
         run.publish(pub)

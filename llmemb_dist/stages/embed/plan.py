@@ -15,7 +15,7 @@ from llmemb_dist.config import Config, ConfigError
 from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH, text_hash
 from llmemb_dist.llm.loading import ModelSource
 from llmemb_dist.stages.embed import pca as embed_pca
-from llmemb_dist.blockio import read_keys, unchanged_since
+from llmemb_dist.blockio import CarryOver, carry_over, read_keys
 
 log = logging.getLogger(__name__)
 EMPTY_TEXT_HASH = text_hash([])  # the hash of an item with every attribute empty
@@ -29,12 +29,15 @@ class Plan:
     keys: pa.Table  # item_id, text_hash of the whole catalog
     previous: str | None = None
     previous_manifest: dict | None = None
-    reused_ids: pa.Array | None = None
-    removed: int = 0
+    carry: CarryOver | None = None
 
     @property
     def reused(self) -> int:
-        return 0 if self.reused_ids is None else len(self.reused_ids)
+        return 0 if self.carry is None else self.carry.reused
+
+    @property
+    def removed(self) -> int:
+        return 0 if self.carry is None else self.carry.removed
 
     @property
     def new(self) -> int:
@@ -103,7 +106,7 @@ def make_plan(cfg: Config, data_uri: str, data_manifest: dict, dim: int, encoder
                     "embedding every item", prev_uri)
         return plan
     plan.previous, plan.previous_manifest = prev_uri, prev
-    plan.reused_ids, plan.removed = unchanged_since(keys, read_keys(storage.table_files(prev_uri, "embeddings", prev)))
+    plan.carry = carry_over(keys, storage.table_files(prev_uri, "embeddings", prev))
     return plan
 
 
