@@ -32,16 +32,22 @@ def read(uris: list[str], columns: list[str] | None = None, min_blocks: int = 0,
 
 def read_keys(files: list[str], with_file: bool = False) -> pa.Table:
     """The (item_id, text_hash) columns only, read by Ray workers and gathered on the driver; `with_file`
-    adds `file`, the index in `files` of the file each row is in."""
-    import pyarrow.compute as pc
+    adds `file`, the index in `files` of the file each row is in (found by the workers: a path per row
+    would cost the driver more than the keys)."""
     import ray
 
-    tables = ray.get(read(files, columns=[ITEM_ID, TEXT_HASH], include_paths=with_file).to_arrow_refs())
-    keys = pa.concat_tables([t.select([ITEM_ID, TEXT_HASH, *(["path"] if with_file else [])]) for t in tables]).combine_chunks()
-    if not with_file:
-        return keys
-    index = pc.index_in(keys["path"], value_set=pa.array([storage.resolve(f)[1] for f in files]))
-    return keys.drop(["path"]).append_column("file", index)
+    keys = read(files, columns=[ITEM_ID, TEXT_HASH], include_paths=with_file)
+    if with_file:
+        keys = keys.map_batches(_file_index, fn_kwargs={"paths": [storage.resolve(f)[1] for f in files]},
+                                batch_format="pyarrow")
+    columns = [ITEM_ID, TEXT_HASH, *(["file"] if with_file else [])]
+    return pa.concat_tables([t.select(columns) for t in ray.get(keys.to_arrow_refs())]).combine_chunks()
+
+
+def _file_index(batch: pa.Table, paths: list[str]) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return batch.drop(["path"]).append_column("file", pc.index_in(batch["path"], value_set=pa.array(paths)))
 
 
 def _joined(t: pa.Table) -> pa.ChunkedArray:
@@ -80,18 +86,21 @@ def carry_over(keys: pa.Table, previous_files: list[str]) -> CarryOver:
     same = pc.is_in(_joined(previous), value_set=_joined(keys))
     removed = int(pc.sum(pc.invert(pc.is_in(previous[ITEM_ID], value_set=keys[ITEM_ID]))).as_py() or 0)
     carry = CarryOver(previous[ITEM_ID].filter(same).combine_chunks(), removed)
-    previous = previous.append_column("same", same).sort_by("file")
-    counts = previous.group_by("file").aggregate([("same", "sum"), ("same", "count")]).sort_by("file")
-    start = 0
+    counts = pa.table({"file": previous["file"], "same": same}).group_by("file").aggregate(
+        [("same", "sum"), ("same", "count")]).sort_by("file")
+    checksums = file_checksums(previous, len(previous_files))
     for k, current, rows in zip(*(counts[c].to_pylist() for c in ("file", "same_sum", "same_count"))):
-        uri, block = previous_files[k], previous.slice(start, rows)
-        start += rows
+        uri = previous_files[k]
         if current == rows:
-            carry.whole.append({"uri": uri, "file": uri.rsplit("/", 1)[-1], "rows": rows,
-                                "checksum": key_checksum(block[ITEM_ID], block[TEXT_HASH])})
+            carry.whole.append({"uri": uri, "file": uri.rsplit("/", 1)[-1], "rows": rows, "checksum": int(checksums[k])})
         elif current:
             carry.partial.append(uri)
     return carry
+
+
+def _row_hashes(item_ids: pa.Array | pa.ChunkedArray, hashes: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    keys = item_ids.to_pandas().astype(object) + "\x1f" + hashes.to_pandas().astype(object)
+    return pd.util.hash_array(keys.to_numpy())
 
 
 def key_checksum(item_ids: pa.Array | pa.ChunkedArray, hashes: pa.Array | pa.ChunkedArray) -> int:
@@ -104,10 +113,18 @@ def key_checksum(item_ids: pa.Array | pa.ChunkedArray, hashes: pa.Array | pa.Chu
     # In slices: the driver checks a whole catalog's keys this way, and Python strings of every row at
     # once would cost it several times what the keys themselves take.
     for start in range(0, len(item_ids), CHECKSUM_ROWS):
-        ids, part = item_ids[start: start + CHECKSUM_ROWS], hashes[start: start + CHECKSUM_ROWS]
-        keys = ids.to_pandas().astype(object) + "\x1f" + part.to_pandas().astype(object)
-        total = (total + int(pd.util.hash_array(keys.to_numpy()).sum(dtype=np.uint64))) % 2**64
+        hashed = _row_hashes(item_ids[start: start + CHECKSUM_ROWS], hashes[start: start + CHECKSUM_ROWS])
+        total = (total + int(hashed.sum(dtype=np.uint64))) % 2**64
     return total
+
+
+def file_checksums(keys: pa.Table, num_files: int) -> np.ndarray:
+    """`key_checksum` of each file's rows, from keys with a `file` column (uint64 sums wrap mod 2^64)."""
+    sums = np.zeros(num_files, dtype=np.uint64)
+    for start in range(0, keys.num_rows, CHECKSUM_ROWS):
+        part = keys.slice(start, CHECKSUM_ROWS)
+        np.add.at(sums, part["file"].to_numpy(), _row_hashes(part[ITEM_ID], part[TEXT_HASH]))
+    return sums
 
 
 def keep_rows(batch: pa.Table, ids_ref, keep: bool) -> pa.Table:
