@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,7 @@ from llmemb_dist import storage
 from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH
 from llmemb_dist.progress import Progress
 
+log = logging.getLogger(__name__)
 CHECKSUM_ROWS = 65_536
 
 
@@ -183,9 +185,10 @@ def write_with_carry_over(parts: list, carry: CarryOver | None, folder: str, row
             parts = parts + [read(carry.partial).map_batches(
                 keep_rows, fn_kwargs={"ids_ref": ray.put(carry.reused_ids), "keep": True}, batch_format="pyarrow")]
     done = sum(c["rows"] for c in copied)
+    if copied:
+        log.info("copied %d files (%d rows) of the previous version as they are", len(copied), done)
     if progress:
         progress.start = done  # the pace, and so the ETA, is the written rows'
-        progress.update(done)
     if not parts:
         return copied
     dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

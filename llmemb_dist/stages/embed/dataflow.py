@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def embedded(cfg: Config, plan: Plan, adapter: tuple[str, dict] | None, txn: str):
     """The Ray Dataset of new and changed items' embeddings (lazy)."""
     import ray
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     e = cfg.embed
     # Ray Data reads a small catalog as one block, which would leave all but one actor idle: ask for a
@@ -33,7 +33,7 @@ def embedded(cfg: Config, plan: Plan, adapter: tuple[str, dict] | None, txn: str
     # Two tasks per actor keep the actors fed (tokenizing costs far less than the forward); a task pool of
     # its own size is also what keeps Ray Data from fusing these tasks into the actors.
     tokens = catalog.map_batches(tokenized, fn_kwargs={"model": cfg.model}, batch_size=e.batch_size * SORT_WINDOW,
-                                 batch_format="pyarrow", concurrency=2 * e.num_actors)
+                                 batch_format="pyarrow", compute=TaskPoolStrategy(size=2 * e.num_actors))
     return tokens.map_batches(
         EmbedActor,
         fn_constructor_kwargs={
