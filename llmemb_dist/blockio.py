@@ -1,7 +1,8 @@
 """Block-wise Parquet I/O with Ray Data for the stages that stream whole tables (embed, adapt): reads,
-id filters, idempotent content-named writes and the exactly-once check.
+id filters, what an incremental run carries over, idempotent content-named writes and the exactly-once check.
 
-Blocks are read and written by Ray workers; the driver sees only file names, row counts and checksums.
+Vectors are read and written by Ray workers; the driver sees the (item_id, text_hash) keys, file names,
+row counts and checksums.
 """
 from __future__ import annotations
 
