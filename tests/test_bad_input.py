@@ -82,6 +82,8 @@ IMPORT_CASES = [
     ("item_id:token\ttitle:text\n1\tA\n", GOOD_INTER, r"x.item: header field 1 \('title:text'\) has type 'text'"),
         ("id:token\ttitle:token_seq\n1\tA\n", GOOD_INTER, r"x.item.*missing required column 'item_id'"),
         ("item_id:token\ttitle:token_seq\n1\tA\n1\tB\n", GOOD_INTER, r"duplicate item_id '1' at row 1"),
+        ("item_id:token\ttitle:token_seq\n1\tA\n\n2\tB\tC\n", GOOD_INTER,
+         r"x.item: line 4 has 3 tab-separated fields where the header has 2"),
         ("item_id:token\ttitle:token_seq\n", GOOD_INTER, r"catalog is empty"),
         ("item_id:token\n1\n2\n", GOOD_INTER, r"no attribute columns"),
         (GOOD_ITEMS, "user_id:token\titem_id:token\ttimestamp:float\nu\t1\t10\nu\t9\t11\n", r"row 1 names item '9'"),

@@ -38,6 +38,12 @@ def assert_loss_falls(metrics: list[dict]) -> None:
     assert last < first, [round(m["loss"], 3) for m in metrics]
 
 
+def backbone_bytes(model_dir: Path) -> int:
+    from transformers import AutoModel
+
+    return sum(p.numel() * p.element_size() for p in AutoModel.from_pretrained(model_dir).parameters())
+
+
 def load_published_adapter(cfg, model_dir: Path, tmp_path: Path):
     from transformers import AutoModel
     from peft import PeftModel
@@ -60,6 +66,7 @@ def test_zero2_survives_a_worker_failure(ray_local, s3_root, tiny_llama_dir, tmp
     assert {"step_00000004", "step_00000008"} <= set(storage.list_dirs(storage.join(scft_run_uri(cfg), "checkpoints")))
     metrics = published_metrics(cfg)
     assert [m["step"] for m in metrics] == list(range(1, 9))  # every step once, none repeated after the restart
+    assert metrics[-1]["model_state_mb"] * 2**20 > backbone_bytes(tiny_llama_dir)  # ZeRO-2 keeps whole weights
     assert manifest["final_loss"] == metrics[-1]["loss"]
     assert_loss_falls(metrics)
     assert load_published_adapter(cfg, tiny_llama_dir, tmp_path) is not None
@@ -89,6 +96,8 @@ def test_zero3_resumes_after_driver_restart_and_saves_the_engine_weights(ray_loc
     metrics = published_metrics(cfg)
     assert [m["step"] for m in metrics] == list(range(1, 9))
     assert_loss_falls(metrics)
+    # Each of the 2 ranks holds half the backbone, plus its share of the small adapter's state.
+    assert 0.45 < metrics[-1]["model_state_mb"] * 2**20 / backbone_bytes(tiny_llama_dir) < 0.6
 
     # The adapter gathered from the ZeRO-3 shards equals the weights DeepSpeed's own
     # zero_to_fp32 rebuilds from the final checkpoint's optimizer partitions.

@@ -107,23 +107,29 @@ def validate_interactions(df: pd.DataFrame, known_items: set[str], source: str) 
                                      f"catalog ({int(unknown.sum())} such rows)")
 
 
+HASH_SLICE = 100_000  # rows whose attributes are Python objects at once while their text hashes are computed
+
+
 def catalog_table(df: pd.DataFrame) -> pa.Table:
     """The catalog schema: item_id, one nullable string column per attribute, text_hash."""
     columns = attribute_columns(list(df.columns))
-    records = df[[ITEM_ID, *columns]].to_dict("records")
-    hashes = [text_hash(item_attributes(r, columns)) for r in records]
-    arrays = {ITEM_ID: pa.array(df[ITEM_ID].astype(str).tolist(), pa.string())}
-    for col in columns:
-        arrays[col] = pa.array([None if pd.isna(v) else str(v) for v in df[col].tolist()], pa.string())
-    arrays[TEXT_HASH] = pa.array(hashes, pa.string())
-    return pa.table(arrays)
+    table = pa.table({ITEM_ID: _strings(df[ITEM_ID].astype(str)), **{col: _strings(df[col]) for col in columns}})
+    hashes = []
+    for start in range(0, table.num_rows, HASH_SLICE):
+        hashes += [text_hash(item_attributes(r, columns)) for r in table.slice(start, HASH_SLICE).to_pylist()]
+    return table.append_column(TEXT_HASH, pa.array(hashes, pa.string()))
 
 
 def interactions_table(df: pd.DataFrame) -> pa.Table:
     return pa.table(
         {
-            USER_ID: pa.array(df[USER_ID].astype(str).tolist(), pa.string()),
-            ITEM_ID: pa.array(df[ITEM_ID].astype(str).tolist(), pa.string()),
+            USER_ID: _strings(df[USER_ID].astype(str)),
+            ITEM_ID: _strings(df[ITEM_ID].astype(str)),
             TIMESTAMP: pa.array(df[TIMESTAMP].astype("int64").to_numpy(), pa.int64()),
         }
     )
+
+
+def _strings(column: pd.Series) -> pa.Array:
+    """A text column as one Arrow string array (a missing value as null), without a Python list of it."""
+    return pa.array(column, pa.string(), from_pandas=True)

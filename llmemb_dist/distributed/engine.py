@@ -147,6 +147,37 @@ def _numel(p: nn.Parameter) -> int:
     return getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partitioned parameter is empty locally
 
 
+def model_state_bytes(engine) -> int:
+    """Bytes of model state this rank holds: its parameters (a ZeRO-3 rank its slices only), their
+    gradients, and the optimizer's master copies, gradients and moments. A storage is counted once:
+    ZeRO's partitions are views into flat buffers that the optimizer holds as well.
+
+    The figure ZeRO partitions, counted from the tensors: on CPU, DeepSpeed's own memory report is the
+    process's resident set, which also holds activations and whatever the allocator kept of freed memory.
+    """
+    seen: set[int] = set()
+
+    def size(t: torch.Tensor | None) -> int:
+        if t is None or not t.numel():
+            return 0
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+
+    total = sum(size(getattr(p, "ds_tensor", p)) + size(p.grad) for p in engine.module.parameters())
+    # ZeRO wraps the torch optimizer; ZeRO-3 hands it its flat partitions only during a step, but
+    # their moments stay in its state, and their gradients in one flat buffer.
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    masters = [p for group in optimizer.param_groups for p in group["params"]] + list(optimizer.state)
+    total += size(getattr(engine.optimizer, "grad_partitions_flat_buffer", None))
+    for p in masters:
+        total += size(p) + size(p.grad)
+        total += sum(size(v) for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v))
+    return total
+
+
 def trainable_state_dict(engine) -> dict[str, torch.Tensor]:
     """Every trainable parameter, whole and on CPU, on every rank.
 

@@ -113,6 +113,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "items_per_s_per_worker": items_since / (now - t_last),
             "lr": engine.get_lr()[0],
             "peak_memory_mb": memory.peak_mb(),
+            "model_state_mb": ds_engine.model_state_bytes(engine) / 2**20,
         }
         t_last, items_since = now, 0
         history.append(metrics)
