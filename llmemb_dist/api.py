@@ -95,11 +95,17 @@ class Recommender:
     every item of a catalog version, new ones placed by the adapt stage, ranked like the rest.
     """
 
-    def __init__(self, model, item_ids: list[str], table: torch.Tensor, max_len: int):
+    def __init__(self, model, item_ids: list[str], table: torch.Tensor, max_len: int, text: torch.Tensor | None = None):
+        """`text`: the items' LLM vectors (row k for item_ids[k]), for a model whose text channel is on."""
         self.model, self.item_ids, self.max_len = model.eval(), item_ids, max_len
         self.row = {item: k + 1 for k, item in enumerate(item_ids)}
         self.table = torch.cat([torch.zeros(1, table.shape[1]), table])  # row 0 is padding
         self.model.over_items(self.table)
+        if self.model.text_weight:
+            if text is None:
+                raise ValueError("this model's text channel is on (text_weight > 0): give the items' LLM vectors")
+            self.model.attach_text(text)
+        self.item_vectors = self.model.item_vectors()
 
     @classmethod
     def from_publication(cls, uri: str, items: str | None = None) -> "Recommender":
@@ -117,8 +123,14 @@ class Recommender:
         missing = [k for k in model.load_state_dict(backbone, strict=False).missing_keys if not k.startswith("items.")]
         if missing:
             raise storage.DataError(f"{uri}: the published model lacks {missing[0]!r}")
+        model.text_weight = spec.get("text_weight", 0.0)  # published before the text channel: none
         vectors = read_embeddings(items or uri)
-        return cls(model, vectors.column(ITEM_ID).to_pylist(), torch.from_numpy(vectors_of(vectors)), spec["max_len"])
+        item_ids = vectors.column(ITEM_ID).to_pylist()
+        text = None
+        if model.text_weight:
+            source = spec["embeddings"] if items is None else _embeddings_input(items)
+            text = torch.from_numpy(_vectors_for(read_embeddings(source), item_ids, source))
+        return cls(model, item_ids, torch.from_numpy(vectors_of(vectors)), spec["max_len"], text)
 
     @torch.no_grad()
     def scores(self, history: Sequence[str]) -> np.ndarray:
@@ -127,7 +139,7 @@ class Recommender:
         if unknown:
             raise ValueError(f"item {unknown[0]!r} of the history is not in this recommender's item table")
         rows = torch.tensor([[self.row[item] for item in history[-self.max_len:]]])
-        return (self.model.user_repr(rows) @ self.table[1:].T)[0].numpy()
+        return (self.model.user_vectors(rows) @ self.item_vectors[1:].T)[0].numpy()
 
     def top_k(self, history: Sequence[str], k: int = 10, exclude_history: bool = True) -> list[tuple[str, float]]:
         """The `k` best items as (item_id, score), best first; items of the history left out by default."""
@@ -136,3 +148,20 @@ class Recommender:
             scores[[self.row[item] - 1 for item in history]] = -np.inf
         best = np.argsort(-scores, kind="stable")[:k]
         return [(self.item_ids[i], float(scores[i])) for i in best if np.isfinite(scores[i])]
+
+
+def _embeddings_input(uri: str) -> str:
+    """The LLM embeddings publication an adapted publication was made from."""
+    embeddings = storage.read_manifest(uri).get("inputs", {}).get("embeddings")
+    if not isinstance(embeddings, dict) or not embeddings.get("uri"):
+        raise storage.DataError(f"{uri}: not an adapted publication (it names no embeddings input)")
+    return embeddings["uri"]
+
+
+def _vectors_for(table: pa.Table, item_ids: list[str], uri: str) -> np.ndarray:
+    """`table`'s vectors in the order of `item_ids`."""
+    row = {item: k for k, item in enumerate(table.column(ITEM_ID).to_pylist())}
+    missing = [item for item in item_ids if item not in row]
+    if missing:
+        raise storage.DataError(f"{uri}: no LLM vector for item {missing[0]!r} (and {len(missing) - 1} more)")
+    return vectors_of(table)[[row[item] for item in item_ids]]

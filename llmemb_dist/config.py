@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -206,6 +207,10 @@ class RatConfig:
     # side is scaled so that trained items placed as new would fill this share of the top-10 slots they had
     # trained (stages/rat/calibrate.py); 0 = no scaling (the text side as trained)
     new_item_exposure: float = bounded(1.0, low=0.0, added=True)
+    # The last-item text channel's weights to choose from on validation after training (srs/base.py): a user
+    # scores an item by its LLM vector's cosine to the last item's, times the weight, on top of the backbone's
+    # score. [0] = off. Only LLM item representations have it; the ID-only baseline never does.
+    text_weights: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
     # bce: the reference's, one sampled negative per target; ce: softmax over the whole catalog;
     # sampled_softmax: shared in-batch + uniform negatives with the log-Q correction (srs/losses.py)
     loss: Literal["bce", "ce", "sampled_softmax"] = "ce"
@@ -222,6 +227,11 @@ class RatConfig:
     seed: int = 42  # seeds initial weights, data order and negatives
     eval: EvalConfig = field(default_factory=EvalConfig)
     cold: ColdStartConfig = field(default_factory=ColdStartConfig, metadata=ADDED)
+
+    def __post_init__(self) -> None:
+        if not self.text_weights or not all(math.isfinite(w) and w >= 0 for w in self.text_weights):
+            raise ConfigError(f"rat.text_weights must be a non-empty list of weights of at least 0 ([0] = off), "
+                              f"got {self.text_weights}")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from llmemb_dist.layout import dataset_uri, rat_result_uri
 from llmemb_dist.stages.prepare.driver import prepare
 from llmemb_dist.stages.rat.driver import rat
 from llmemb_dist.stages.rat.inputs import load_llm_table, load_sequences
-from llmemb_dist.stages.rat.trainer import fit
+from llmemb_dist.stages.rat.trainer import evaluate_shared, fit
 from llmemb_dist.stages.rat.worker import train_variant
 from llmemb_dist.srs import build_model
 
@@ -83,16 +83,24 @@ def test_each_backbone_beats_most_popular(ml100k, minilm_table, backbone, item_r
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("item_repr", ["llm_id", "llm_gate", "id_llm_init"])
-def test_each_item_representation_beats_most_popular_under_full_ranking(ml100k, minilm_table, item_repr):
+@pytest.mark.parametrize("item_repr, text_weights", [("llm_id", "[0]"), ("llm_gate", "[0]"), ("id_llm_init", "[0]"),
+                                                     ("llm", "[0,1,4,16]"), ("llm_gate", "[0,1,4,16]")])
+def test_each_item_representation_beats_most_popular_under_full_ranking(ml100k, minilm_table, item_repr, text_weights):
     cfg, data = ml100k
     cfg = load_config(None, [f"root={cfg.root}"] + FAST + ["rat.epochs=6", "rat.patience=6", "rat.loss=ce",
-                                                             "rat.eval.select_protocol=full"])
+                                                             "rat.eval.select_protocol=full", f"rat.text_weights={text_weights}"])
     model = build_model(cfg.rat, "sasrec", item_repr, data.num_items, minilm_table, data.train_popularity())
     result = fit(model, data, cfg.rat)
-    popular = evaluate(popularity_scorer(data.train_popularity()), make_split(data, "valid", cfg.rat.eval), cfg.rat.eval,
-                       cfg.rat.max_len)
+    valid = make_split(data, "valid", cfg.rat.eval)
+    popular = evaluate(popularity_scorer(data.train_popularity()), valid, cfg.rat.eval, cfg.rat.max_len)
     assert result.valid["full"]["overall"]["NDCG@10"] > popular["full"]["overall"]["NDCG@10"]
+    # The text channel's weight is the offered one with the best validation NDCG@10, and the figures are its.
+    by_weight = {}
+    for weight in cfg.rat.text_weights:
+        model.text_weight = weight
+        by_weight[weight] = evaluate_shared(model, valid, cfg.rat, 0, 1, ("full",))["full"]["overall"]["NDCG@10"]
+    assert result.text_weight == max(by_weight, key=lambda w: (by_weight[w], -w))
+    assert result.valid["full"]["overall"]["NDCG@10"] == pytest.approx(by_weight[result.text_weight])
 
 
 @pytest.mark.slow

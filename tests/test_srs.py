@@ -220,3 +220,24 @@ def test_a_placement_of_id_items_saves_and_loads(tmp_path):
     placement.save(tmp_path)  # its published table must not share memory with the ID table
     loaded = ItemPlacement.load(tmp_path)
     assert torch.equal(loaded.published, items.table().detach())
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec", "gru4rec"])
+def test_the_text_channel_adds_the_weighted_cosine_to_the_last_items_text(backbone):
+    m = model(backbone, "llm_gate")
+    llm = torch.from_numpy(llm_table(dim=CFG.hidden))
+    seqs = torch.tensor([[0, 3, 7, 9], [5, 6, 2, 40]])
+    plain = m.user_repr(seqs) @ m.items.table().T
+    assert m.text is not None and m.text_weight == 0 and torch.allclose(m.scores(seqs), plain, atol=1e-5)
+    m.text_weight = 2.5
+    cosine = torch.nn.functional.cosine_similarity(llm[seqs[:, -1] - 1][:, None], llm[None], dim=-1)  # item k is row k - 1
+    assert torch.allclose(m.scores(seqs)[:, 1:], plain[:, 1:] + 2.5 * cosine, atol=1e-5)
+    assert torch.equal(m.text[0], torch.zeros(CFG.hidden))  # padding
+
+
+def test_only_llm_item_representations_get_a_text_channel_and_only_when_a_weight_is_offered():
+    llm = llm_table(dim=CFG.hidden)
+    assert build_model(CFG, "sasrec", "llm", NUM_ITEMS, llm).text is not None
+    assert build_model(CFG, "sasrec", "id", NUM_ITEMS, llm).text is None
+    off = RatConfig(hidden=16, layers=2, heads=2, max_len=20, adapter_hidden=24, text_weights=[0.0])
+    assert build_model(off, "sasrec", "llm_gate", NUM_ITEMS, llm).text is None

@@ -1,7 +1,9 @@
 """What the three backbones share: item lookup, reverse positions, next-item training, scoring."""
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llmemb_dist.srs.items import FixedItems
@@ -34,12 +36,29 @@ class Dropout(nn.Dropout):
 
 
 class SeqRecommender(nn.Module):
-    """A backbone over an item representation; subclasses define `encode` (B, L) -> (B, L, hidden)."""
+    """A backbone over an item representation; subclasses define `encode` (B, L) -> (B, L, hidden).
+
+    With a text channel (`attach_text`) and a nonzero `text_weight`, a user scores item j as well by the
+    cosine of j's LLM vector to the LLM vector of the user's last item, times `text_weight`: the backbone
+    learns what sequences say, and this term keeps what the text of the last item says about the next one
+    at full resolution, which the adapter's projection to `hidden` dimensions blurs and which rarely seen
+    items need most. Training leaves the weight at 0; RAT chooses it on validation afterwards (`fit`).
+    """
 
     def __init__(self, items: nn.Module, num_items: int):
         super().__init__()
         self.items = items
         self.num_items = num_items
+        self.text_weight = 0.0
+        # Not a buffer: DDP would broadcast it every step, and it is not saved (it is the embeddings publication).
+        self.text: torch.Tensor | None = None
+
+    def attach_text(self, llm: np.ndarray | torch.Tensor) -> None:
+        """The text channel over `llm` (row k - 1 for item k; it may go on past the trained items, to items
+        scored as new): unit rows, row 0 padding."""
+        table = torch.zeros(len(llm) + 1, llm.shape[1])
+        table[1:] = F.normalize(torch.from_numpy(np.array(llm, dtype=np.float32)), dim=1)  # a copy: Ray's are read-only
+        self.text = table
 
     def encode(self, seqs: torch.Tensor, item_emb: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs at every position; `item_emb` (B, L, hidden) is self.items(seqs) when the caller has it."""
@@ -82,6 +101,23 @@ class SeqRecommender(nn.Module):
         """The state after each (left-padded) input sequence, (B, hidden)."""
         return self.encode(seqs)[:, -1]
 
+    def user_vectors(self, seqs: torch.Tensor) -> torch.Tensor:
+        """What a user is scored with: `user_repr`, then the last item's text times `text_weight` when the
+        text channel is on. A dot product with `item_vectors` is the score."""
+        users = self.user_repr(seqs)
+        if not self.text_weight:
+            return users
+        last = self.text.to(users.device)[seqs[:, -1]]  # inputs are left-padded
+        return torch.cat([users, self.text_weight * last.to(users.dtype)], 1)
+
+    def item_vectors(self, table: torch.Tensor | None = None) -> torch.Tensor:
+        """What items are scored with: `table` (default the item representation's), then, when the text
+        channel is on, each item's text."""
+        table = self.items.table() if table is None else table
+        if not self.text_weight:
+            return table
+        return torch.cat([table, self.text[: len(table)].to(table.device, table.dtype)], 1)
+
     def scores(self, seqs: torch.Tensor) -> torch.Tensor:
         """Scores of every item index for each sequence, (B, num_items + 1); column 0 is padding."""
-        return self.user_repr(seqs) @ self.items.table().T
+        return self.user_vectors(seqs) @ self.item_vectors().T

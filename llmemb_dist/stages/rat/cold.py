@@ -61,8 +61,8 @@ def cold_start_metrics(model: SeqRecommender, cold_vectors: torch.Tensor, split:
     """{group: {"HR@k", "NDCG@k", "users"}} of a model trained on `split.warm`, under full ranking."""
     model.eval()
     with torch.no_grad():
-        table = torch.cat([model.items.table().float(), cold_vectors.float()])
-        rank = ranks(Scorer(model.user_repr, table), _test_split(split), np.arange(len(split.test_targets)),
+        table = model.item_vectors(torch.cat([model.items.table().float(), cold_vectors.float()]))
+        rank = ranks(Scorer(model.user_vectors, table), _test_split(split), np.arange(len(split.test_targets)),
                      max_len, protocols=("full",))["full"]
     return _grouped(split, rank, cfg)
 
@@ -81,6 +81,9 @@ def cold_start_report(rcfg: RatConfig, split: ColdSplit, models: dict[str, tuple
                       llm: np.ndarray | None) -> dict[str, dict]:
     """Full-ranking test figures on warm and cold targets per model, and the text-only reference's."""
     raw_cold = None if llm is None else llm[split.num_warm:]
+    for model, _ in models.values():
+        if model.text is not None:  # the text channel over every item ranked, the cold ones too
+            model.attach_text(llm)
     out = {name: cold_start_metrics(model, cold_item_vectors(placement, split, raw_cold, rcfg.hidden, rcfg.seed),
                                     split, rcfg.eval, rcfg.max_len)
            for name, (model, placement) in models.items()}

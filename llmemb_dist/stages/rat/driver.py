@@ -58,7 +58,7 @@ def item_table(placement: ItemPlacement, item_ids: list[str], text_hashes: list[
 
 def _summary(final: dict) -> dict:
     return {"best_epoch": final["best_epoch"], "epochs": final["epoch"], "valid": final["valid"], "test": final["test"],
-            "history": final["history"]}
+            "history": final["history"], "text_weight": final.get("text_weight", 0.0)}
 
 
 def rat(cfg: Config) -> str:
@@ -119,6 +119,7 @@ def _train_and_publish(cfg: Config, inputs: dict[str, str], run: tracking.StageR
     model_config = {"backbone": rcfg.backbone, "item_repr": rcfg.item_repr, "num_items": data.num_items,
                     "hidden": rcfg.hidden, "layers": rcfg.layers, "heads": rcfg.heads, "max_len": rcfg.max_len,
                     "adapter_hidden": rcfg.adapter_hidden, "llm_dim": None if llm is None else int(llm.shape[1]),
+                    "text_weight": model.text_weight,
                     "embeddings": emb_uri, "row_k_is": "item k of table item_embeddings (row 0 is padding)"}
     with storage.publish(out_uri, kind="rat", config=to_dict(cfg), config_hash=config_hash(rcfg), inputs=inputs) as pub:
         pub.write_table("item_embeddings", item_table(placement, data.item_ids, hashes, llm), num_shards=1)

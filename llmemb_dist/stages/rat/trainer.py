@@ -34,6 +34,7 @@ class FitResult:
     valid: dict
     test: dict
     history: list[dict] = field(default_factory=list)
+    text_weight: float = 0.0
 
 
 def _gather_ranks(user_ranks: dict[str, np.ndarray], users: np.ndarray, total: int, world: int) -> dict[str, np.ndarray]:
@@ -50,9 +51,27 @@ def evaluate_shared(model: SeqRecommender, split: EvalSplit, rcfg: RatConfig, ra
     model.eval()
     users = np.arange(len(split.targets))[rank::world]
     with torch.no_grad():
-        table = model.items.table()  # once per evaluation, not per batch
-        local = ranks(Scorer(model.user_repr, table), split, users, rcfg.max_len, protocols=protocols)
+        table = model.item_vectors()  # once per evaluation, not per batch
+        local = ranks(Scorer(model.user_vectors, table), split, users, rcfg.max_len, protocols=protocols)
     return summarize(split, _gather_ranks(local, users, len(split.targets), world), rcfg.eval.ks)
+
+
+def choose_text_weight(model: SeqRecommender, split: EvalSplit, rcfg: RatConfig, rank: int, world: int) -> float:
+    """The text channel's weight among `rat.text_weights` with the best validation NDCG@10 under the selection
+    protocol (the smallest on a tie), set on the model. Chosen after training, on the same users early
+    stopping watched, so it is model selection like the epoch; without a text channel it stays 0."""
+    if model.text is None:
+        return model.text_weight
+    protocol = rcfg.eval.select_protocol
+    scores = {}
+    for weight in sorted(set(rcfg.text_weights)):
+        model.text_weight = weight
+        scores[weight] = evaluate_shared(model, split, rcfg, rank, world, (protocol,))[protocol]["overall"]["NDCG@10"]
+    model.text_weight = max(scores, key=lambda w: (scores[w], -w))
+    if rank == 0:
+        log.info("text channel: weight %g (validation NDCG@10 %s)", model.text_weight,
+                 ", ".join(f"{w:g}: {v:.4f}" for w, v in scores.items()))
+    return model.text_weight
 
 
 def fit(
@@ -74,6 +93,7 @@ def fit(
     With world > 1 this runs inside a torch.distributed group and wraps the model in DDP.
     """
     torch.manual_seed(rcfg.seed)
+    model.text_weight = 0.0  # the text channel's weight is chosen after training
     # As a model grows confident, values (sigmoids and softmaxes of large logits, their gradients, decaying
     # Adam moments) can reach the denormal range, where CPU arithmetic is far slower; flushing them to zero
     # changes no result (RAT epoch times: bench/rat_bench.py).
@@ -131,6 +151,7 @@ def fit(
         if on_epoch:
             on_epoch(state)
     model.load_state_dict(state["best_state"])
+    text_weight = choose_text_weight(model, valid_split, rcfg, rank, world)
     best_valid = evaluate_shared(model, valid_split, rcfg, rank, world)
     test = evaluate_shared(model, test_split, rcfg, rank, world)
-    return FitResult(state["best_state"], state["best_epoch"], best_valid, test, state["history"])
+    return FitResult(state["best_state"], state["best_epoch"], best_valid, test, state["history"], text_weight)

@@ -55,7 +55,7 @@ def train_worker(config: dict) -> None:
     result = fit(model, data, rcfg, srs=config["srs"], state=state, on_epoch=report_state,
                  rank=rank, world=worker.world, name=f"rat {config['variant']}")
     final = {"done": True, "epoch": len(result.history), "best_state": result.best_state, "best_epoch": result.best_epoch,
-             "valid": result.valid, "test": result.test, "history": result.history}
+             "valid": result.valid, "test": result.test, "history": result.history, "text_weight": result.text_weight}
     report_state(final, {"epoch": final["epoch"], "done": True})
 
 
@@ -79,5 +79,6 @@ def train_variant(cfg: Config, data: Sequences, backbone: str, item_repr: str, *
         final = load_state(folder)
     model = build_model(rcfg, backbone, item_repr, data.num_items, llm)
     model.load_state_dict(final["best_state"])
+    model.text_weight = final.get("text_weight", 0.0)  # checkpoints of earlier versions have no text channel
     model.eval()
     return model, final
