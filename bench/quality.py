@@ -496,18 +496,23 @@ def ratio_rows(agg: dict, setting: str, dataset: str) -> list[str]:
 
 
 def aim_rows(agg: dict, setting: str, dataset: str) -> list[str]:
-    """The issue's aims, each met or not by the best of the LLM variants measured here."""
+    """The issue's aims, met or not by the LLM variant measured here that meets the most of them."""
     lines = []
     for backbone in ("sasrec", "bert4rec", "gru4rec"):
         base = (setting, dataset, "-", backbone, "id")
-        for group, target in SASREC_AIMS if backbone == "sasrec" else (OTHER_BACKBONE_AIM,):
-            measured = {v: ratio(agg, (setting, dataset, "minilm", backbone, v), base, group)
-                        for v in ("llmemb", *OURS)}
-            measured = {v: r for v, r in measured.items() if r is not None and not math.isnan(r)}
-            if measured:
-                best = max(measured, key=measured.get)
-                lines.append(f"| {backbone} {group} NDCG@10 / ID-only | >= {target}x | {times(measured[best])} ({best}) | "
-                             f"{'met' if measured[best] >= target else 'NOT met'} |")
+        aims = SASREC_AIMS if backbone == "sasrec" else (OTHER_BACKBONE_AIM,)
+        # One variant for all of a backbone's aims: the one that meets the most, then the best overall.
+        measured = {v: [ratio(agg, (setting, dataset, "minilm", backbone, v), base, group) for group, _ in aims]
+                    for v in ("llmemb", *OURS)}
+        measured = {v: rs for v, rs in measured.items() if rs[0] is not None and not math.isnan(rs[0])}
+        if not measured:
+            continue
+        met = {v: [r is not None and not math.isnan(r) and r >= target for r, (_, target) in zip(rs, aims)]
+               for v, rs in measured.items()}
+        best = max(measured, key=lambda v: (sum(met[v]), measured[v][0]))
+        for (group, target), r, ok in zip(aims, measured[best], met[best]):
+            lines.append(f"| {backbone} {group} NDCG@10 / ID-only | >= {target}x | "
+                         f"{'-' if r is None else times(r)} ({best}) | {'met' if ok else 'NOT met'} |")
     for model in MODELS:  # SCFT's effect on each base model: the decoder is where the paper says it matters
         r = ratio(agg, (setting, dataset, model, "sasrec", "llmemb"), (setting, dataset, model, "sasrec", "llmemb-noscft"), "overall")
         if r is not None:
@@ -676,7 +681,7 @@ def main() -> None:
     args.datasets = args.datasets or (["ml-100k"] if quick else ["ml-100k", "ml-latest-small", "amazon-toys"])
     args.models = args.models or (["minilm"] if quick else ["minilm", "smollm2"])
     args.backbones = args.backbones or (["sasrec"] if quick else ["sasrec", "bert4rec", "gru4rec"])
-    args.variants = args.variants or (["id", "llmemb", "llm_gate"] if quick else list(VARIANTS))
+    args.variants = args.variants or (["id", "llmemb", "llm_gate_text"] if quick else list(VARIANTS))
     args.seeds = args.seeds or ([1] if quick else [1, 2, 3])
     args.set += ["rat.cold.enabled=true"] if args.cold else []
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

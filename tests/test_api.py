@@ -9,13 +9,14 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from llmemb_dist import storage
 from llmemb_dist.api import ItemEncoder, Recommender, read_embeddings
 from llmemb_dist.config import load_config
 from llmemb_dist.data.catalog import ITEM_ID, attribute_columns
 from llmemb_dist.data.embeddings import vectors_of
-from llmemb_dist.layout import adapted_uri, adapter_uri, dataset_uri, embeddings_uri, rat_result_uri
+from llmemb_dist.layout import adapted_uri, adapter_uri, dataset_uri, embeddings_uri, rat_input_embeddings_uri, rat_result_uri
 from llmemb_dist.llm.loading import portable_name
 from llmemb_dist.stages.adapt.driver import adapt
 from llmemb_dist.stages.pipeline import pipeline
@@ -32,6 +33,7 @@ def published(tmp_path_factory, s3_server):
         f"root={root}", "model.max_length=32", "dataset.max_items=200",
         "scft.steps=4", "scft.batch_size=8", "scft.checkpoint_every=4", "embed.batch_size=32", "rat.epochs=2",
         "rat.patience=2", "rat.hidden=32", "rat.max_len=50", "adapt.version=today", f"tracking.mlflow_uri={root}/mlruns",
+        "rat.text_weights=[4]",  # the text channel always on, so that serving must reproduce it
     ])
     pipeline(cfg)
     adapt(cfg)
@@ -127,6 +129,15 @@ def test_recommender_ranks_every_item_of_an_adapted_version(published):
     assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
     with pytest.raises(ValueError, match="not in this recommender's item table"):
         trained.scores(["no-such-item"])
+    # The text channel: the backbone's score plus 4 x the cosine of each item's LLM vector to the last item's.
+    llm = read_embeddings(rat_input_embeddings_uri(cfg))
+    row = {item: k for k, item in enumerate(llm.column(ITEM_ID).to_pylist())}
+    text = vectors_of(llm)[[row[item] for item in trained.item_ids]]
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    rows = torch.tensor([[trained.row[item] for item in history]])
+    backbone = (trained.model.user_repr(rows) @ trained.table[1:].T)[0].detach().numpy()
+    assert trained.model.text_weight == 4
+    assert np.allclose(trained.scores(history), backbone + 4 * text @ text[trained.row[history[-1]] - 1], atol=1e-4)
 
 
 @pytest.mark.slow
