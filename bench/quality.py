@@ -21,7 +21,7 @@ collaborative SASRec tables used by the alignment loss are cached there too.
 bench/results/quality.md/.json/.png are rebuilt from every cached cell after each cell.
 
 The grid: 3 datasets x 3 seeds x (ID-only, LLMEmb and our item representations llm_id, llm_gate,
-id_llm_init on SASRec, Bert4Rec, GRU4Rec; on SASRec the ablations without SCFT, without alignment (alpha 0)
+id_llm_init, and llmemb_text and llm_gate_text (the text channel, the default) on SASRec, Bert4Rec, GRU4Rec; on SASRec the ablations without SCFT, without alignment (alpha 0)
 and without adapter (frozen PCA of the LLM table)), all with MiniLM; SmolLM2 with and without SCFT and as
 llm_gate on SASRec, within the budget that MODEL_BUDGET gives it on a 2-core machine (--no-model-budget gives
 it every dataset on a bigger one). `--models minilm mpnet` adds the same cells with all-mpnet-base-v2, a
