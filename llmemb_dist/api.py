@@ -112,6 +112,7 @@ class Recommender:
         from safetensors.torch import load
 
         from llmemb_dist.srs import build_model
+        from llmemb_dist.stages.rat.inputs import load_llm_table
 
         data = storage.data_uri(uri)
         spec = json.loads(storage.read_bytes(storage.join(data, "model", "model_config.json")))
@@ -129,7 +130,7 @@ class Recommender:
         text = None
         if model.text_weight:
             source = spec["embeddings"] if items is None else _embeddings_input(items)
-            text = torch.from_numpy(_vectors_for(read_embeddings(source), item_ids, source))
+            text = torch.from_numpy(load_llm_table(source, item_ids))
         return cls(model, item_ids, torch.from_numpy(vectors_of(vectors)), spec["max_len"], text)
 
     @torch.no_grad()
@@ -156,12 +157,3 @@ def _embeddings_input(uri: str) -> str:
     if not isinstance(embeddings, dict) or not embeddings.get("uri"):
         raise storage.DataError(f"{uri}: not an adapted publication (it names no embeddings input)")
     return embeddings["uri"]
-
-
-def _vectors_for(table: pa.Table, item_ids: list[str], uri: str) -> np.ndarray:
-    """`table`'s vectors in the order of `item_ids`."""
-    row = {item: k for k, item in enumerate(table.column(ITEM_ID).to_pylist())}
-    missing = [item for item in item_ids if item not in row]
-    if missing:
-        raise storage.DataError(f"{uri}: no LLM vector for item {missing[0]!r} (and {len(missing) - 1} more)")
-    return vectors_of(table)[[row[item] for item in item_ids]]

@@ -35,6 +35,14 @@ class Dropout(nn.Dropout):
         return x * (torch.rand_like(x) >= self.p) * (1 / (1 - self.p))
 
 
+def unit_text_table(llm: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Each item's LLM vector at unit length, row k for item k (row k - 1 of `llm`), row 0 padding: a dot
+    product of two rows is their cosine."""
+    table = torch.zeros(len(llm) + 1, llm.shape[1])
+    table[1:] = F.normalize(torch.from_numpy(np.array(llm, dtype=np.float32)), dim=1)  # a copy: Ray's are read-only
+    return table
+
+
 class SeqRecommender(nn.Module):
     """A backbone over an item representation; subclasses define `encode` (B, L) -> (B, L, hidden).
 
@@ -55,10 +63,8 @@ class SeqRecommender(nn.Module):
 
     def attach_text(self, llm: np.ndarray | torch.Tensor) -> None:
         """The text channel over `llm` (row k - 1 for item k; it may go on past the trained items, to items
-        scored as new): unit rows, row 0 padding."""
-        table = torch.zeros(len(llm) + 1, llm.shape[1])
-        table[1:] = F.normalize(torch.from_numpy(np.array(llm, dtype=np.float32)), dim=1)  # a copy: Ray's are read-only
-        self.text = table
+        scored as new)."""
+        self.text = unit_text_table(llm)
 
     def encode(self, seqs: torch.Tensor, item_emb: torch.Tensor | None = None) -> torch.Tensor:
         """Outputs at every position; `item_emb` (B, L, hidden) is self.items(seqs) when the caller has it."""
