@@ -16,6 +16,7 @@ After the commit, each table, file and folder of a publication also appears at a
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -262,16 +263,40 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
 
 def write_shards(table: pa.Table, uri: str, num_shards: int) -> list[str]:
     """Writes `table` as up to `num_shards` contiguous Parquet shards; returns their file names."""
+    return write_batches([table], table.num_rows, uri, num_shards, table.schema)
+
+
+def write_batches(batches: Iterable[pa.RecordBatch | pa.Table], num_rows: int, uri: str, num_shards: int,
+                  schema: pa.Schema | None = None) -> list[str]:
+    """Writes a stream of `num_rows` rows (record batches or tables) as up to `num_shards` contiguous Parquet
+    shards of equal size, one batch in memory at a time; returns the file names. No rows: one empty shard
+    of `schema`."""
     fs, path = resolve(uri)
-    num_shards = max(1, min(num_shards, table.num_rows))
-    bounds = [table.num_rows * i // num_shards for i in range(num_shards + 1)]
-    names = []
+    num_shards = max(1, min(num_shards, num_rows))
+    bounds = [num_rows * i // num_shards for i in range(num_shards + 1)]
+    names = [f"part-{i:05d}.parquet" for i in range(num_shards)]
+    shard, written, writer = 0, 0, None
     with _storage_errors(uri):
         fs.create_dir(path, recursive=True)
-        for i in range(num_shards):
-            name = f"part-{i:05d}.parquet"
-            pq.write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]), f"{path}/{name}", filesystem=fs)
-            names.append(name)
+        if not num_rows:
+            pq.write_table(schema.empty_table(), f"{path}/{names[0]}", filesystem=fs)
+        try:
+            for batch in batches:
+                while batch.num_rows:
+                    if shard == num_shards:
+                        raise ValueError(f"{uri}: more rows than the {num_rows} announced")
+                    writer = writer or pq.ParquetWriter(f"{path}/{names[shard]}", batch.schema, filesystem=fs)
+                    part = batch.slice(0, bounds[shard + 1] - written)
+                    writer.write(part)
+                    written, batch = written + part.num_rows, batch.slice(part.num_rows)
+                    if written == bounds[shard + 1]:
+                        writer.close()
+                        writer, shard = None, shard + 1
+        finally:
+            if writer is not None:
+                writer.close()
+    if written != num_rows:
+        raise ValueError(f"{uri}: {written} rows written where {num_rows} were announced")
     return names
 
 
@@ -379,6 +404,13 @@ class Publication:
     def write_table(self, name: str, table: pa.Table, num_shards: int = 1) -> None:
         names = write_shards(table, join(self.data_uri, name), num_shards)
         self.tables[name] = {"files": names, "rows": table.num_rows, "schema": table.schema.to_string()}
+
+    def write_batches(self, name: str, batches: Iterable[pa.RecordBatch | pa.Table], num_rows: int, num_shards: int = 1) -> None:
+        """`write_table` for a table that does not fit in memory: the first batch gives the schema."""
+        batches = iter(batches)
+        first = next(batches)
+        names = write_batches(itertools.chain([first], batches), num_rows, join(self.data_uri, name), num_shards)
+        self.tables[name] = {"files": names, "rows": num_rows, "schema": first.schema.to_string()}
 
     def add_table_files(self, name: str, files: list[str], rows: int, schema: pa.Schema) -> None:
         """Registers Parquet files written into `<data_uri>/<name>/` by other processes (e.g. Ray Data)."""

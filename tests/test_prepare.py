@@ -3,12 +3,16 @@ import gzip
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from llmemb_dist import storage
 from llmemb_dist.config import load_config
 from llmemb_dist.data.catalog import attribute_columns
+from llmemb_dist.data.importers import RawDataset, RawTable
+from llmemb_dist.data.preprocess import preprocess
 from llmemb_dist.layout import dataset_uri
 from llmemb_dist.stages.prepare.driver import prepare
 from llmemb_dist.storage import DataError
@@ -96,14 +100,73 @@ def test_preprocessing_filters_and_is_deterministic(tmp_path):
     assert ordered.all()
 
 
-def test_k_core_iterates_to_a_fixed_point():
-    from llmemb_dist.data.preprocess import k_core
+def _raw(items: pd.DataFrame, inter: pd.DataFrame, rows_per_batch: int) -> RawDataset:
+    """A raw dataset served in batches of `rows_per_batch` rows, as a streamed file is."""
+    def table(frame, name):
+        arrow = pa.table({c: pa.array(frame[c].astype(str), pa.string()) for c in frame.columns})
+        return RawTable(Path(name), list(frame.columns), 2, lambda cols: iter(arrow.select(cols).to_batches(rows_per_batch)))
+    return RawDataset(table(items, "x.item"), table(inter, "x.inter"))
 
+
+def _paper_preprocessing(items: pd.DataFrame, inter: pd.DataFrame, cfg) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The preprocessing as the paper's code does it, in memory: the streamed import must give these rows."""
+    inter = inter.sort_values(["user_id", "timestamp"], kind="stable")
+    if cfg.max_items:
+        counts = inter["item_id"].value_counts()
+        inter = inter[inter["item_id"].isin(sorted(counts.index, key=lambda i: (-counts[i], i))[: cfg.max_items])]
+    while cfg.k_core:
+        keep = (inter.groupby("user_id")["user_id"].transform("size") >= cfg.k_core) & (
+            inter.groupby("item_id")["item_id"].transform("size") >= cfg.k_core)
+        if keep.all():
+            break
+        inter = inter[keep]
+    if cfg.max_seq_len:
+        inter = inter.groupby("user_id", sort=False, group_keys=False).tail(cfg.max_seq_len)
+    if cfg.min_seq_len:
+        inter = inter[inter.groupby("user_id")["user_id"].transform("size") >= cfg.min_seq_len]
+    return items[items["item_id"].isin(set(inter["item_id"]))], inter
+
+
+@pytest.mark.parametrize("filters", [dict(k_core=3), dict(k_core=2, max_items=40, max_seq_len=6, min_seq_len=4),
+                                     dict(max_seq_len=5), dict(min_seq_len=9)])
+def test_streamed_import_gives_the_paper_preprocessing_rows_in_order(tmp_path, filters):
+    """Many batches and many user buckets give the rows, in the order, of the in-memory preprocessing."""
+    rng = np.random.default_rng(0)
+    items = pd.DataFrame({"item_id": [f"i{k}" for k in range(60)], "title": [f"t{k}" for k in range(60)]})
+    n = 1500
+    inter = pd.DataFrame({"user_id": [f"u{k}" for k in rng.integers(0, 150, n)],
+                          "item_id": [f"i{k}" for k in np.minimum(rng.zipf(1.3, n), 60) - 1],
+                          "timestamp": rng.integers(1_000_000_000, 1_000_000_050, n)})  # many ties: input order decides
+    cfg = load_config(None, ["dataset.name=s"] + [f"dataset.{k}={v}" for k, v in filters.items()]).dataset
+    expected_items, expected = _paper_preprocessing(items, inter, cfg)
+    prepared = preprocess(_raw(items, inter, 97), cfg, "src", tmp_path, rows_per_bucket=200)
+    assert len(prepared.buckets) == 8
+    got = pa.concat_tables(prepared.interactions()).to_pandas()
+    assert got["user_id"].tolist() == expected["user_id"].tolist()
+    assert got["item_id"].tolist() == expected["item_id"].tolist()
+    assert got["timestamp"].tolist() == expected["timestamp"].tolist()
+    catalog = pa.concat_tables(prepared.catalog()).to_pandas()
+    assert catalog["item_id"].tolist() == expected_items["item_id"].tolist()
+    assert prepared.counts == {"users": expected["user_id"].nunique(), "items": len(expected_items),
+                               "interactions": len(expected)}
+
+
+def test_k_core_iterates_to_a_fixed_point(tmp_path):
     # u3's only event is on i3; dropping u3 leaves i3 with one user, which must then go too.
-    df = pd.DataFrame({"user_id": ["u1", "u1", "u2", "u2", "u3", "u1", "u2"],
-                       "item_id": ["i1", "i2", "i1", "i2", "i3", "i3", "i4"], "timestamp": range(7)})
-    out = k_core(df, 2)
-    assert sorted(set(out["item_id"])) == ["i1", "i2"] and sorted(set(out["user_id"])) == ["u1", "u2"]
+    items = pd.DataFrame({"item_id": ["i1", "i2", "i3", "i4"], "title": ["a", "b", "c", "d"]})
+    inter = pd.DataFrame({"user_id": ["u1", "u1", "u2", "u2", "u3", "u1", "u2"],
+                          "item_id": ["i1", "i2", "i1", "i2", "i3", "i3", "i4"], "timestamp": range(7)})
+    cfg = load_config(None, ["dataset.name=k", "dataset.k_core=2"]).dataset
+    out = pa.concat_tables(preprocess(_raw(items, inter, 2), cfg, "src", tmp_path, rows_per_bucket=2).interactions())
+    assert sorted(set(out["item_id"].to_pylist())) == ["i1", "i2"] and sorted(set(out["user_id"].to_pylist())) == ["u1", "u2"]
+
+
+def test_a_bad_timestamp_in_a_later_batch_is_named_by_its_line(tmp_path):
+    items = pd.DataFrame({"item_id": ["i1"], "title": ["a"]})
+    inter = pd.DataFrame({"user_id": ["u"] * 10, "item_id": ["i1"] * 10, "timestamp": [str(10 + k) for k in range(10)]})
+    inter.loc[7, "timestamp"] = "soon"
+    with pytest.raises(DataError, match=r"x.inter: line 9: timestamp 'soon' is not a number"):
+        preprocess(_raw(items, inter, 3), load_config(None, []).dataset, "src", tmp_path)
 
 
 def test_s3_import_equals_local(tmp_path, s3_root):
@@ -175,3 +238,20 @@ def test_timestamps_are_stored_in_seconds_whatever_their_unit(tmp_path, unit, ra
     cfg = _cfg(tmp_path / "runs", name="t", source=str(_atomic(tmp_path / "src", GOOD_ITEMS, inter)), timestamp_unit=unit)
     prepare(cfg)
     assert storage.read_table(dataset_uri(cfg), "interactions").column("timestamp").to_pylist() == stored
+
+
+def test_a_file_read_in_many_blocks_gives_the_same_rows_and_line_numbers(tmp_path, monkeypatch):
+    from llmemb_dist.data import importers
+
+    items = "item_id:token\ttitle:token_seq\n" + "".join(f"{k}\ttitle {k}\n" for k in range(30))
+    rows = [f"u{k % 41}\t{k % 30}\t{1_000_000_000 + k % 17}\n" for k in range(700)]
+    src = _atomic(tmp_path / "src", items, "user_id:token\titem_id:token\ttimestamp:float\n" + "".join(rows))
+    whole = prepare(_cfg(tmp_path / "whole", name="b", source=str(src), k_core=3))
+    monkeypatch.setattr(importers, "BLOCK_BYTES", 64)  # a line or two per block, most lines cut across two
+    blocks = prepare(_cfg(tmp_path / "blocks", name="b", source=str(src), k_core=3))
+    for table in ("catalog", "interactions"):
+        assert storage.read_table(blocks, table).equals(storage.read_table(whole, table))
+    rows[400] = "u1\t3\tnoon\n"
+    bad = _atomic(tmp_path / "bad", items, "user_id:token\titem_id:token\ttimestamp:float\n" + "".join(rows))
+    with pytest.raises(DataError, match=r"x.inter: line 402: timestamp 'noon' is not a number"):
+        prepare(_cfg(tmp_path / "bad-run", name="b", source=str(bad)))

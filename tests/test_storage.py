@@ -40,6 +40,23 @@ def test_publish_and_read_back(root):
     assert b"a: 1" in storage.read_bytes(storage.join(storage.data_uri(uri), "config.yaml"))
 
 
+def test_a_stream_of_batches_is_sharded_as_the_whole_table_is(root):
+    """Batches cut across shard boundaries land in the same contiguous shards as the table written at once."""
+    table = _table(23)
+    whole, streamed = storage.join(root, "whole"), storage.join(root, "streamed")
+    _publish(whole, table)
+    with storage.publish(streamed, kind="test", config={"a": 1}, config_hash="h") as pub:
+        pub.write_batches("items", table.to_batches(max_chunksize=4), table.num_rows, num_shards=3)
+    for uri in (whole, streamed):
+        files = storage.read_manifest(uri)["tables"]["items"]["files"]
+        assert [storage.read_parquet_files([storage.join(storage.data_uri(uri), "items", f)]).num_rows for f in files] == [7, 8, 8]
+    assert storage.read_table(streamed, "items").equals(table)
+    with pytest.raises(ValueError, match="23 rows written where 24 were announced"), \
+            storage.publish(storage.join(root, "short"), kind="test", config={}, config_hash="h") as pub:
+        pub.write_batches("items", table.to_batches(max_chunksize=4), 24, num_shards=3)
+    assert not storage.is_published(storage.join(root, "short"))
+
+
 def test_reader_refuses_folder_without_manifest(root):
     uri = storage.join(root, "crashed")
     with pytest.raises(RuntimeError):

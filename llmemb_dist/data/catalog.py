@@ -9,8 +9,10 @@ import hashlib
 import random
 from typing import Callable, Sequence
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from llmemb_dist.storage import DataError
 
@@ -68,43 +70,39 @@ def augment(attrs: Sequence[tuple[str, str]], drop_ratio: float, rng: random.Ran
     return view[:keep]
 
 
-def refuse_rows(bad: pd.Series, message: Callable[[int], str]) -> None:
+def refuse_rows(bad: pd.Series | np.ndarray, message: Callable[[int], str]) -> None:
     """Raises DataError with `message(row)` for the first True row of a boolean column, if any."""
+    bad = np.asarray(bad)
     if bad.any():
-        raise DataError(message(int(bad.to_numpy().argmax())))
+        raise DataError(message(int(bad.argmax())))
 
 
-def validate_catalog(df: pd.DataFrame, source: str) -> None:
+def validate_catalog_ids(columns: Sequence[str], ids: pa.Array, source: str) -> None:
     """Raises DataError naming `source` (a file) and the offending field or row."""
-    if ITEM_ID not in df.columns:
-        raise DataError(f"{source}: missing required column {ITEM_ID!r} (columns: {list(df.columns)})")
-    if df.empty:
+    if not len(ids):
         raise DataError(f"{source}: the catalog is empty")
-    if not attribute_columns(list(df.columns)):
+    if not attribute_columns(columns):
         raise DataError(f"{source}: the catalog has no attribute columns besides {ITEM_ID!r}")
-    ids = df[ITEM_ID]
-    refuse_rows(ids.isna() | (ids.astype(str).str.strip() == ""), lambda row: f"{source}: row {row} has an empty {ITEM_ID!r}")
-    refuse_rows(ids.duplicated(), lambda row: f"{source}: duplicate {ITEM_ID} {ids.iloc[row]!r} at row {row}")
+    refuse_rows(_blank(ids), lambda row: f"{source}: row {row} has an empty {ITEM_ID!r}")
+    if pc.count_distinct(ids).as_py() != len(ids):
+        duplicated = ids.to_pandas().duplicated()
+        refuse_rows(duplicated, lambda row: f"{source}: duplicate {ITEM_ID} {ids[row].as_py()!r} at row {row}")
 
 
-def refuse_undescribed_items(df: pd.DataFrame, source: str) -> None:
+def refuse_undescribed_items(table: pa.Table, source: str, first_row: int = 0) -> None:
     """An item whose kept attributes are all empty has no text for the LLM: the embedding stage could
     not embed it, so the import refuses it (with its row) before SCFT spends any time."""
-    columns = attribute_columns(list(df.columns))
-    empty = pd.Series(True, index=df.index)
+    columns = attribute_columns(table.schema)
+    empty = np.ones(table.num_rows, dtype=bool)
     for col in columns:
-        empty &= df[col].isna() | (df[col].astype(str).str.strip() == "")
-    refuse_rows(empty, lambda row: f"{source}: row {row} (item {df[ITEM_ID].iloc[row]!r}) has every attribute "
-                                   f"({', '.join(columns)}) empty: nothing describes it; fill one in or drop the item")
+        empty &= _blank(table[col])
+    refuse_rows(empty, lambda row: f"{source}: row {row + first_row} (item {table[ITEM_ID][row].as_py()!r}) has every "
+                                   f"attribute ({', '.join(columns)}) empty: nothing describes it; fill one in or drop the item")
 
 
-def validate_interactions(df: pd.DataFrame, known_items: set[str], source: str) -> None:
-    missing = [c for c in INTERACTION_COLUMNS if c not in df.columns]
-    if missing:
-        raise DataError(f"{source}: missing required column {missing[0]!r} (columns: {list(df.columns)})")
-    unknown = ~df[ITEM_ID].isin(known_items)
-    refuse_rows(unknown, lambda row: f"{source}: row {row} names item {df[ITEM_ID].iloc[row]!r}, which is not in the "
-                                     f"catalog ({int(unknown.sum())} such rows)")
+def _blank(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Missing or only whitespace, per value."""
+    return pc.fill_null(pc.equal(pc.utf8_trim_whitespace(values), ""), True).to_numpy(zero_copy_only=False)
 
 
 HASH_SLICE = 100_000  # rows whose attributes are Python objects at once while their text hashes are computed
@@ -113,21 +111,16 @@ HASH_SLICE = 100_000  # rows whose attributes are Python objects at once while t
 def catalog_table(df: pd.DataFrame) -> pa.Table:
     """The catalog schema: item_id, one nullable string column per attribute, text_hash."""
     columns = attribute_columns(list(df.columns))
-    table = pa.table({ITEM_ID: _strings(df[ITEM_ID].astype(str)), **{col: _strings(df[col]) for col in columns}})
+    return with_text_hash(pa.table({ITEM_ID: _strings(df[ITEM_ID].astype(str)), **{col: _strings(df[col]) for col in columns}}))
+
+
+def with_text_hash(table: pa.Table) -> pa.Table:
+    """`table` (item_id and string attribute columns) with the text_hash column appended."""
+    columns = attribute_columns(table.schema)
     hashes = []
     for start in range(0, table.num_rows, HASH_SLICE):
         hashes += [text_hash(item_attributes(r, columns)) for r in table.slice(start, HASH_SLICE).to_pylist()]
     return table.append_column(TEXT_HASH, pa.array(hashes, pa.string()))
-
-
-def interactions_table(df: pd.DataFrame) -> pa.Table:
-    return pa.table(
-        {
-            USER_ID: _strings(df[USER_ID].astype(str)),
-            ITEM_ID: _strings(df[ITEM_ID].astype(str)),
-            TIMESTAMP: pa.array(df[TIMESTAMP].astype("int64").to_numpy(), pa.int64()),
-        }
-    )
 
 
 def _strings(column: pd.Series) -> pa.Array:

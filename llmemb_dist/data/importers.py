@@ -1,7 +1,10 @@
-"""Readers for the raw dataset formats; each returns (items, interactions) as DataFrames.
+"""Readers for the raw dataset formats; each returns the items and the interactions as `RawTable`s.
 
-items: `item_id` plus one string column per attribute. interactions: user_id,
-item_id, timestamp (int64 seconds), in file order. Errors name the file and line.
+items: `item_id` plus one column per attribute. interactions: user_id, item_id, timestamp. Every value is
+text (timestamps too: their unit is decided over the whole file, data/timestamps.py), read in batches in
+file order, so a file larger than memory goes through. RecBole files are streamed from disk; the MovieLens
+CSV and Amazon JSON readers fold and parse in memory first (their public releases are small), then serve
+batches the same way. Errors name the file and line.
 """
 from __future__ import annotations
 
@@ -9,30 +12,53 @@ import ast
 import gzip
 import importlib.util
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from llmemb_dist.data.catalog import ITEM_ID, TIMESTAMP, USER_ID, refuse_rows
+from llmemb_dist.data.catalog import ITEM_ID, TIMESTAMP, USER_ID
 from llmemb_dist.storage import DataError
 
 RECBOLE_PREFIX = "recbole:"
+BLOCK_BYTES = 8 << 20  # text per batch: what the parser holds, several batches at once
 
 
-def read_dataset(fmt: str, source: str, metadata: str = "", timestamp_unit: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame]:
+@dataclass(frozen=True)
+class RawTable:
+    """One raw file as batches of Arrow strings, in file order."""
+
+    path: Path
+    columns: list[str]
+    first_line: int  # the file's line of the first row, for messages
+    read: Callable[[list[str]], Iterator[pa.RecordBatch]]
+
+    def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        return self.read(columns or self.columns)
+
+    @classmethod
+    def in_memory(cls, frame: pd.DataFrame, path: Path, first_line: int) -> RawTable:
+        table = pa.table({name: pa.array(frame[name].astype(str), pa.string()) for name in frame.columns})
+        return cls(path, list(frame.columns), first_line, lambda columns: iter(table.select(columns).to_batches()))
+
+
+class RawDataset(NamedTuple):
+    items: RawTable
+    interactions: RawTable
+
+
+def read_dataset(fmt: str, source: str, metadata: str = "") -> RawDataset:
     if fmt == "recbole":
-        return read_recbole(resolve_recbole_source(source), timestamp_unit)
+        return read_recbole(resolve_recbole_source(source))
     if fmt == "movielens_csv":
-        return read_movielens_csv(Path(source), timestamp_unit)
+        return read_movielens_csv(Path(source))
     if fmt == "amazon":
         if not metadata:
             raise DataError("dataset.metadata: the amazon format needs the metadata JSON lines file")
-        return read_amazon(Path(source), Path(metadata), timestamp_unit)
+        return read_amazon(Path(source), Path(metadata))
     raise DataError(f"dataset.format: unknown format {fmt!r}")
 
 
@@ -49,18 +75,10 @@ def resolve_recbole_source(source: str) -> Path:
 # ---------------------------------------------------------------- RecBole atomic files
 
 
-def read_recbole(folder: Path, timestamp_unit: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame]:
-    inter_file = _one_file(folder, ".inter")
-    item_file = _one_file(folder, ".item")
-    items = _read_atomic(item_file)
-    if ITEM_ID not in items.columns:
-        raise DataError(f"{item_file}: missing required column {ITEM_ID!r} (columns: {list(items.columns)})")
-    inter = _read_atomic(inter_file)
-    for col in (USER_ID, ITEM_ID, TIMESTAMP):
-        if col not in inter.columns:
-            raise DataError(f"{inter_file}: missing required column {col!r} (columns: {list(inter.columns)})")
-    inter[TIMESTAMP] = _int_timestamps(inter[TIMESTAMP], inter_file, 2, timestamp_unit)
-    return items, inter[[USER_ID, ITEM_ID, TIMESTAMP]]
+def read_recbole(folder: Path) -> RawDataset:
+    items = _atomic_file(_one_file(folder, ".item"), [ITEM_ID])
+    inter = _atomic_file(_one_file(folder, ".inter"), [USER_ID, ITEM_ID, TIMESTAMP])
+    return RawDataset(items, inter)
 
 
 def _one_file(folder: Path, suffix: str) -> Path:
@@ -75,8 +93,8 @@ def _one_file(folder: Path, suffix: str) -> Path:
 ATOMIC_TYPES = ("token", "token_seq", "float", "float_seq")  # RecBole's field types; every value is read as text
 
 
-def _read_atomic(path: Path) -> pd.DataFrame:
-    """An atomic file: a tab-separated header of `name:type` fields; every value is read as text."""
+def _atomic_file(path: Path, required: list[str]) -> RawTable:
+    """An atomic file: a tab-separated header of `name:type` fields, then the rows."""
     try:
         with open(path, encoding="utf-8") as f:
             header = f.readline().rstrip("\n").lstrip("\ufeff").split("\t")
@@ -91,16 +109,31 @@ def _read_atomic(path: Path) -> pd.DataFrame:
             raise DataError(f"{path}: header field {i} ({field!r}) has type {kind!r}, which this importer cannot "
                             f"read; RecBole atomic types are {', '.join(ATOMIC_TYPES)}")
         names.append(name)
-    return _read_tab_separated(path, names).to_pandas(types_mapper=PANDAS_STRINGS.get)
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise DataError(f"{path}: missing required column {missing[0]!r} (columns: {names})")
+    return RawTable(path, names, 2, lambda columns: _tab_separated(path, names, columns))
 
 
-# Arrow strings read into pandas' own string dtype: one buffer per column, not a Python object per value.
-PANDAS_STRINGS = {pa.string(): pd.StringDtype(storage="pyarrow", na_value=np.nan)}
+def _tab_separated(path: Path, names: list[str], columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The rows after the header, as text, a block of whole lines at a time, each parsed by Arrow's
+    multi-threaded parser (no Python object per value). The blocks are cut here rather than by Arrow's
+    streaming reader, which reads many blocks ahead of a slower consumer. No quoting: a quote is part of
+    the value."""
+    with open(path, "rb") as f:
+        f.readline()
+        rest = b""
+        while block := f.read(BLOCK_BYTES):
+            block = rest + block
+            end = block.rfind(b"\n") + 1
+            rest = block[end:]
+            if end:
+                yield from _parse_block(path, names, columns, block[:end])
+        if rest:
+            yield from _parse_block(path, names, columns, rest)
 
 
-def _read_tab_separated(path: Path, names: list[str]) -> pa.Table:
-    """The rows after the header, every value as text, read by Arrow's multi-threaded parser (a 10^7-row
-    file in seconds, without a Python object per value). No quoting: a quote is part of the value."""
+def _parse_block(path: Path, names: list[str], columns: list[str], block: bytes) -> Iterator[pa.RecordBatch]:
     ragged = []
 
     def refuse(row) -> str:
@@ -108,13 +141,13 @@ def _read_tab_separated(path: Path, names: list[str]) -> pa.Table:
         return "error"
 
     try:
-        return pacsv.read_csv(
-            path,
-            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
+        yield from pacsv.read_csv(
+            pa.BufferReader(block),
+            read_options=pacsv.ReadOptions(column_names=names),
             parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, invalid_row_handler=refuse),
-            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+            convert_options=pacsv.ConvertOptions(include_columns=columns, column_types={n: pa.string() for n in names},
                                                  strings_can_be_null=False, quoted_strings_can_be_null=False),
-        )
+        ).combine_chunks().to_batches()
     except pa.ArrowInvalid as e:
         if ragged:
             where = _first_ragged_line(path, len(names)) or f"the line {ragged[0].text[:80]!r}"
@@ -123,49 +156,6 @@ def _read_tab_separated(path: Path, names: list[str]) -> pa.Table:
         if "invalid UTF8" in str(e):
             raise DataError(f"{path}: not UTF-8 text; re-encode the file as UTF-8") from None
         raise DataError(f"{path}: {e}") from None
-
-
-UNIT_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000}
-LATEST = 4_102_444_800  # 2100-01-01 in seconds: no interaction happens later
-MODERN = 100_000_000  # 1973 in seconds: a millisecond or microsecond clock of real events is past it
-
-
-def _int_timestamps(values: pd.Series, source: Path, first_line: int, unit: str) -> pd.Series:
-    """Timestamps as int64 seconds (to the second) from `unit`; `auto` tells the unit by magnitude."""
-    numeric = _numbers(values)
-    refuse_rows(numeric.isna() | ~np.isfinite(numeric),
-                lambda row: f"{source}: line {row + first_line}: timestamp {values.iloc[row]!r} is not a number")
-    if unit == "auto":
-        unit = _timestamp_unit(numeric, values, source, first_line)
-    seconds = numeric / UNIT_PER_SECOND[unit]
-    refuse_rows((seconds < 0) | (seconds > LATEST),
-                lambda row: f"{source}: line {row + first_line}: timestamp {values.iloc[row]!r} is no time between 1970 "
-                            f"and 2100 in {unit} (dataset.timestamp_unit={unit})")
-    return np.floor(seconds).astype("int64")
-
-
-def _numbers(values: pd.Series) -> pd.Series:
-    """The text column as float64; a value that is no number becomes NaN."""
-    try:  # Arrow's cast parses without a Python object per value
-        return pd.Series(pc.cast(pa.array(values, pa.string()), pa.float64()).to_numpy(), index=values.index)
-    except pa.ArrowInvalid:  # some value is no number: pandas tells which (NaN), at Python speed
-        return pd.to_numeric(values, errors="coerce")
-
-
-def _timestamp_unit(numeric: pd.Series, values: pd.Series, source: Path, first_line: int) -> str:
-    """The coarsest unit that puts the latest timestamp before 2100; a finer one needs every timestamp past
-    1973 in it, or the column mixes units (or counts something other than time) and is refused."""
-    latest = int(numeric.to_numpy().argmax())
-    unit = next((u for u, per in UNIT_PER_SECOND.items() if numeric.iloc[latest] / per <= LATEST), None)
-    if unit is None:
-        raise DataError(f"{source}: line {latest + first_line}: timestamp {values.iloc[latest]!r} is past 2100 even "
-                        "in microseconds; set dataset.timestamp_unit if it is a time")
-    if unit != "s":
-        early = numeric / UNIT_PER_SECOND[unit] < MODERN
-        refuse_rows(early, lambda row: f"{source}: timestamps mix units: line {latest + first_line} has "
-                                       f"{values.iloc[latest]!r} (in {unit}) and line {row + first_line} "
-                                       f"{values.iloc[row]!r}; set dataset.timestamp_unit (s, ms or us)")
-    return unit
 
 
 def _first_ragged_line(path: Path, fields: int) -> str | None:
@@ -181,7 +171,7 @@ def _first_ragged_line(path: Path, fields: int) -> str | None:
 # ---------------------------------------------------------------- MovieLens CSV
 
 
-def read_movielens_csv(folder: Path, timestamp_unit: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_movielens_csv(folder: Path) -> RawDataset:
     movies_file, ratings_file, tags_file = folder / "movies.csv", folder / "ratings.csv", folder / "tags.csv"
     for f in (movies_file, ratings_file):
         if not f.is_file():
@@ -200,9 +190,8 @@ def read_movielens_csv(folder: Path, timestamp_unit: str = "auto") -> tuple[pd.D
         folded = tags.groupby("movieId", sort=False)["tag"].agg(lambda t: ", ".join(dict.fromkeys(t.str.strip())))
         items["tags"] = items[ITEM_ID].map(folded).fillna("")
     ratings = _read_csv(ratings_file, ["userId", "movieId", "timestamp"])
-    inter = pd.DataFrame({USER_ID: ratings["userId"], ITEM_ID: ratings["movieId"]})
-    inter[TIMESTAMP] = _int_timestamps(ratings["timestamp"], ratings_file, 2, timestamp_unit)
-    return items, inter
+    inter = pd.DataFrame({USER_ID: ratings["userId"], ITEM_ID: ratings["movieId"], TIMESTAMP: ratings["timestamp"]})
+    return RawDataset(RawTable.in_memory(items, movies_file, 2), RawTable.in_memory(inter, ratings_file, 2))
 
 
 def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
@@ -221,15 +210,14 @@ def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
 # ---------------------------------------------------------------- Amazon reviews + metadata (2014 and 2018)
 
 
-def read_amazon(reviews_file: Path, meta_file: Path, timestamp_unit: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_amazon(reviews_file: Path, meta_file: Path) -> RawDataset:
     rows = []
     for line_no, rec in _json_lines(reviews_file):
         missing = [k for k in ("reviewerID", "asin", "unixReviewTime") if k not in rec]
         if missing:
             raise DataError(f"{reviews_file}: line {line_no}: missing field {missing[0]!r}")
         rows.append((rec["reviewerID"], rec["asin"], rec["unixReviewTime"]))
-    inter = pd.DataFrame(rows, columns=[USER_ID, ITEM_ID, TIMESTAMP]).astype({USER_ID: str, ITEM_ID: str})
-    inter[TIMESTAMP] = _int_timestamps(inter[TIMESTAMP].astype(str), reviews_file, 1, timestamp_unit)
+    inter = pd.DataFrame(rows, columns=[USER_ID, ITEM_ID, TIMESTAMP])
 
     items = []
     for line_no, rec in _json_lines(meta_file):
@@ -245,7 +233,8 @@ def read_amazon(reviews_file: Path, meta_file: Path, timestamp_unit: str = "auto
                 "description": _text(rec.get("description")),
             }
         )
-    return pd.DataFrame(items, columns=[ITEM_ID, "title", "brand", "categories", "price", "description"]), inter
+    items = pd.DataFrame(items, columns=[ITEM_ID, "title", "brand", "categories", "price", "description"])
+    return RawDataset(RawTable.in_memory(items, meta_file, 1), RawTable.in_memory(inter, reviews_file, 1))
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:

@@ -4,18 +4,10 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from pathlib import Path
 
 from llmemb_dist import layout, storage, tracking
 from llmemb_dist.config import Config, config_hash, to_dict
-from llmemb_dist.data.catalog import (
-    ITEM_ID,
-    USER_ID,
-    catalog_table,
-    interactions_table,
-    refuse_undescribed_items,
-    validate_catalog,
-    validate_interactions,
-)
 from llmemb_dist.data.importers import read_dataset
 from llmemb_dist.data.preprocess import preprocess
 
@@ -31,29 +23,20 @@ def prepare(cfg: Config, overwrite: bool = False) -> str:
     ):
         return uri
     started = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        items, inter = read_dataset(cfg.dataset.format, _local(cfg.dataset.source, tmp), _local(cfg.dataset.metadata, tmp),
-                                    cfg.dataset.timestamp_unit)
     source = cfg.dataset.source
-    validate_catalog(items, f"{source} (items)")
-    validate_interactions(inter, set(items[ITEM_ID]), f"{source} (interactions)")
-    items, inter = preprocess(items, inter, cfg.dataset)
-    refuse_undescribed_items(items, f"{source} (items)")
-    catalog, interactions = catalog_table(items), interactions_table(inter)
-    counts = {
-        "users": int(inter[USER_ID].nunique()),
-        "items": catalog.num_rows,
-        "interactions": interactions.num_rows,
-    }
-    with tracking.stage_run(cfg, "prepare", cfg.dataset.name) as run, storage.publish(
-        uri, kind="dataset", config=to_dict(cfg.dataset), config_hash=config_hash(cfg.dataset),
-        inputs={"source": source, "format": cfg.dataset.format}, overwrite=overwrite,
-    ) as pub:
-        pub.write_table("catalog", catalog, cfg.dataset.num_shards)
-        pub.write_table("interactions", interactions, cfg.dataset.num_shards)
-        pub.info["counts"] = counts
-        run.log_final({**counts, "seconds": time.time() - started})
-        run.publish(pub)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = read_dataset(cfg.dataset.format, _local(source, tmp), _local(cfg.dataset.metadata, tmp))
+        prepared = preprocess(raw, cfg.dataset, source, Path(tmp))
+        counts = prepared.counts
+        with tracking.stage_run(cfg, "prepare", cfg.dataset.name) as run, storage.publish(
+            uri, kind="dataset", config=to_dict(cfg.dataset), config_hash=config_hash(cfg.dataset),
+            inputs={"source": source, "format": cfg.dataset.format}, overwrite=overwrite,
+        ) as pub:
+            pub.write_batches("catalog", prepared.catalog(), counts["items"], cfg.dataset.num_shards)
+            pub.write_batches("interactions", prepared.interactions(), counts["interactions"], cfg.dataset.num_shards)
+            pub.info["counts"] = counts
+            run.log_final({**counts, "seconds": time.time() - started})
+            run.publish(pub)
     log.info("published dataset %s: %s", uri, counts)
     return uri
 
