@@ -1,8 +1,7 @@
 """Block-wise Parquet I/O with Ray Data for the stages that stream whole tables (embed, adapt): reads,
 id filters, what an incremental run carries over, idempotent content-named writes and the exactly-once check.
 
-Vectors are read and written by Ray workers; the driver sees the (item_id, text_hash) keys, file names,
-row counts and checksums.
+Vectors and keys are read and written by Ray workers; the driver sees file names, row counts and checksums.
 """
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from llmemb_dist import storage
@@ -21,7 +21,7 @@ from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH
 from llmemb_dist.progress import Progress
 
 log = logging.getLogger(__name__)
-CHECKSUM_ROWS = 65_536
+HASH_ROWS = 65_536
 
 
 def read(uris: list[str], columns: list[str] | None = None, min_blocks: int = 0, include_paths: bool = False):
@@ -33,30 +33,56 @@ def read(uris: list[str], columns: list[str] | None = None, min_blocks: int = 0,
                                  include_paths=include_paths, **blocks)
 
 
-def read_keys(files: list[str], with_file: bool = False) -> pa.Table:
-    """The (item_id, text_hash) columns only, read by Ray workers and gathered on the driver; `with_file`
-    adds `file`, the index in `files` of the file each row is in (found by the workers: a path per row
-    would cost the driver more than the keys)."""
+@dataclass
+class Keys:
+    """A table's (item_id, text_hash) rows as Ray holds them: the driver has the count and the checksum,
+    the sorted 64-bit hashes of the rows and of the item ids stay in the object store for the tasks that
+    look rows up. So the driver's memory does not grow with the catalog."""
+
+    rows: int
+    checksum: int
+    row_hashes: object  # ObjectRef of a sorted uint64 array
+    item_hashes: object  # ObjectRef of a sorted uint64 array
+    blank: str | None = None  # the first item found whose text_hash is `blank_hash`, if one was given
+
+
+def table_keys(files: list[str], blank_hash: str | None = None) -> Keys:
+    """The Keys of the rows of `files`, one Ray task per file."""
     import ray
 
-    keys = read(files, columns=[ITEM_ID, TEXT_HASH], include_paths=with_file)
-    if with_file:
-        keys = keys.map_batches(_file_index, fn_kwargs={"paths": [storage.resolve(f)[1] for f in files]},
-                                batch_format="pyarrow")
-    columns = [ITEM_ID, TEXT_HASH, *(["file"] if with_file else [])]
-    return pa.concat_tables([t.select(columns) for t in ray.get(keys.to_arrow_refs())]).combine_chunks()
+    per_file = [ray.remote(num_returns=3)(_file_keys).remote(f, blank_hash) for f in files]
+    summaries = ray.get([refs[0] for refs in per_file])
+    merge = ray.remote(_sorted_union)
+    return Keys(
+        rows=sum(s["rows"] for s in summaries),
+        checksum=sum(s["checksum"] for s in summaries) % 2**64,
+        row_hashes=merge.remote(*[refs[1] for refs in per_file]),
+        item_hashes=merge.remote(*[refs[2] for refs in per_file]),
+        blank=next((s["blank"] for s in summaries if s["blank"]), None),
+    )
 
 
-def _file_index(batch: pa.Table, paths: list[str]) -> pa.Table:
-    import pyarrow.compute as pc
+def _file_keys(uri: str, blank_hash: str | None) -> tuple[dict, np.ndarray, np.ndarray]:
+    keys = storage.read_parquet_files([uri], columns=[ITEM_ID, TEXT_HASH])
+    rows = row_hashes(keys[ITEM_ID], keys[TEXT_HASH])
+    blank = None
+    if blank_hash:
+        hits = keys[ITEM_ID].filter(pc.equal(keys[TEXT_HASH], blank_hash))
+        blank = hits[0].as_py() if len(hits) else None
+    summary = {"rows": keys.num_rows, "checksum": int(rows.sum(dtype=np.uint64)), "blank": blank}
+    return summary, np.sort(rows), np.sort(_hashes(keys[ITEM_ID]))
 
-    return batch.drop(["path"]).append_column("file", pc.index_in(batch["path"], value_set=pa.array(paths)))
+
+def _sorted_union(*arrays: np.ndarray) -> np.ndarray:
+    return np.sort(np.concatenate(arrays)) if arrays else np.empty(0, dtype=np.uint64)
 
 
-def _joined(t: pa.Table) -> pa.ChunkedArray:
-    import pyarrow.compute as pc
-
-    return pc.binary_join_element_wise(t[ITEM_ID], t[TEXT_HASH], "\x1f")
+def _members(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Per value, whether it is in `sorted_set`."""
+    if not len(sorted_set):
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[at] == values
 
 
 @dataclass
@@ -66,44 +92,56 @@ class CarryOver:
     server-side copy on S3): no worker reads or rewrites it. From the other previous files the current
     rows are read and rewritten. So a day that adds items to a catalog costs what the new items cost."""
 
-    reused_ids: pa.Array  # every item whose row is carried over
+    reused: int  # rows carried over: their (item_id, text_hash) is in both versions
     removed: int  # previous items no longer in the catalog
+    previous_rows: object  # ObjectRef of the previous version's sorted row hashes: a catalog row in it is not recomputed
+    current_rows: object  # ObjectRef of the catalog's sorted row hashes: the rows kept of a rewritten file
     whole: list[dict] = field(default_factory=list)  # {"uri", "file", "rows", "checksum"} of files copied as they are
     partial: list[str] = field(default_factory=list)  # URIs of files whose current rows are rewritten
-
-    @property
-    def reused(self) -> int:
-        return len(self.reused_ids)
 
     def file_counts(self) -> dict[str, int]:
         """What the manifest records of it: previous files copied as they are, and rewritten in part."""
         return {"copied": len(self.whole), "rewritten": len(self.partial)}
 
 
-def carry_over(keys: pa.Table, previous_files: list[str]) -> CarryOver:
+def carry_over(keys: Keys, previous_files: list[str]) -> CarryOver:
     """Which rows of the previous version's files (`previous_files`) the catalog's `keys` still hold as
-    they are: an item whose (item_id, text_hash) row is in both is carried over."""
-    import pyarrow.compute as pc
+    they are (an item whose (item_id, text_hash) row is in both is carried over), one Ray task per file."""
+    import ray
 
-    previous = read_keys(previous_files, with_file=True)
-    same = pc.is_in(_joined(previous), value_set=_joined(keys))
-    removed = int(pc.sum(pc.invert(pc.is_in(previous[ITEM_ID], value_set=keys[ITEM_ID]))).as_py() or 0)
-    carry = CarryOver(previous[ITEM_ID].filter(same).combine_chunks(), removed)
-    counts = pa.table({"file": previous["file"], "same": same}).group_by("file").aggregate(
-        [("same", "sum"), ("same", "count")]).sort_by("file")
-    checksums = file_checksums(previous, len(previous_files))
-    for k, current, rows in zip(*(counts[c].to_pylist() for c in ("file", "same_sum", "same_count"))):
-        uri = previous_files[k]
-        if current == rows:
-            carry.whole.append({"uri": uri, "file": uri.rsplit("/", 1)[-1], "rows": rows, "checksum": int(checksums[k])})
-        elif current:
+    per_file = [ray.remote(num_returns=2)(_file_carry).remote(f, keys.row_hashes, keys.item_hashes)
+                for f in previous_files]
+    counts = ray.get([refs[0] for refs in per_file])
+    carry = CarryOver(sum(c["same"] for c in counts), sum(c["removed"] for c in counts),
+                      ray.remote(_sorted_union).remote(*[refs[1] for refs in per_file]), keys.row_hashes)
+    for uri, c in zip(previous_files, counts):
+        if c["same"] == c["rows"]:
+            carry.whole.append({"uri": uri, "file": uri.rsplit("/", 1)[-1], "rows": c["rows"], "checksum": c["checksum"]})
+        elif c["same"]:
             carry.partial.append(uri)
     return carry
 
 
-def _row_hashes(item_ids: pa.Array | pa.ChunkedArray, hashes: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    keys = item_ids.to_pandas().astype(object) + "\x1f" + hashes.to_pandas().astype(object)
-    return pd.util.hash_array(keys.to_numpy())
+def _file_carry(uri: str, current_rows: np.ndarray, current_items: np.ndarray) -> tuple[dict, np.ndarray]:
+    keys = storage.read_parquet_files([uri], columns=[ITEM_ID, TEXT_HASH])
+    rows = row_hashes(keys[ITEM_ID], keys[TEXT_HASH])
+    counts = {"rows": keys.num_rows, "same": int(_members(rows, current_rows).sum()),
+              "removed": int((~_members(_hashes(keys[ITEM_ID]), current_items)).sum()),
+              "checksum": int(rows.sum(dtype=np.uint64))}
+    return counts, np.sort(rows)
+
+
+def _hashes(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit hash of each string, in slices: a Python string per row of a whole file at once would cost
+    the worker several times what the file's keys take."""
+    parts = [pd.util.hash_array(values.slice(start, HASH_ROWS).to_pandas().astype(object).to_numpy())
+             for start in range(0, len(values), HASH_ROWS)]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
+
+
+def row_hashes(item_ids: pa.Array | pa.ChunkedArray, hashes: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit hash of each (item_id, text_hash) row."""
+    return _hashes(pc.binary_join_element_wise(item_ids, hashes, "\x1f"))
 
 
 def key_checksum(item_ids: pa.Array | pa.ChunkedArray, hashes: pa.Array | pa.ChunkedArray) -> int:
@@ -112,31 +150,15 @@ def key_checksum(item_ids: pa.Array | pa.ChunkedArray, hashes: pa.Array | pa.Chu
     Sums compose across blocks, so the driver compares the output against the catalog without
     reading the output back: a missing, duplicated or altered row changes the sum (odds 2^-64).
     """
-    total = 0
-    # In slices: the driver checks a whole catalog's keys this way, and Python strings of every row at
-    # once would cost it several times what the keys themselves take.
-    for start in range(0, len(item_ids), CHECKSUM_ROWS):
-        hashed = _row_hashes(item_ids[start: start + CHECKSUM_ROWS], hashes[start: start + CHECKSUM_ROWS])
-        total = (total + int(hashed.sum(dtype=np.uint64))) % 2**64
-    return total
+    return int(row_hashes(item_ids, hashes).sum(dtype=np.uint64))
 
 
-def file_checksums(keys: pa.Table, num_files: int) -> np.ndarray:
-    """`key_checksum` of each file's rows, from keys with a `file` column (uint64 sums wrap mod 2^64)."""
-    sums = np.zeros(num_files, dtype=np.uint64)
-    for start in range(0, keys.num_rows, CHECKSUM_ROWS):
-        part = keys.slice(start, CHECKSUM_ROWS)
-        np.add.at(sums, part["file"].to_numpy(), _row_hashes(part[ITEM_ID], part[TEXT_HASH]))
-    return sums
-
-
-def keep_rows(batch: pa.Table, ids_ref, keep: bool) -> pa.Table:
-    """Rows whose item_id is (keep=True) or is not (keep=False) in the shared id array."""
-    import pyarrow.compute as pc
+def keep_rows(batch: pa.Table, hashes_ref, keep: bool) -> pa.Table:
+    """Rows whose (item_id, text_hash) is (keep=True) or is not (keep=False) in the shared sorted row hashes."""
     import ray
 
-    mask = pc.is_in(batch[ITEM_ID], value_set=ray.get(ids_ref))
-    return batch.filter(mask if keep else pc.invert(mask))
+    mask = _members(row_hashes(batch[ITEM_ID], batch[TEXT_HASH]), ray.get(hashes_ref))
+    return batch.filter(mask if keep else ~mask)
 
 
 def write_block(batch: pa.Table, folder_uri: str) -> pa.Table:
@@ -176,15 +198,13 @@ def write_with_carry_over(parts: list, carry: CarryOver | None, folder: str, row
                           progress: Progress | None = None) -> list[dict]:
     """Writes the computed `parts` (Ray Datasets) and what `carry` takes from the previous version: its
     whole files copied as they are, the current rows of its other files rewritten; returns every file's record."""
-    import ray
-
     copied = []
     if carry is not None:
         storage.copy_files([(c["uri"], storage.join(folder, c["file"])) for c in carry.whole])
         copied = [{k: c[k] for k in ("file", "rows", "checksum")} for c in carry.whole]
         if carry.partial:
             parts = parts + [read(carry.partial).map_batches(
-                keep_rows, fn_kwargs={"ids_ref": ray.put(carry.reused_ids), "keep": True}, batch_format="pyarrow")]
+                keep_rows, fn_kwargs={"hashes_ref": carry.current_rows, "keep": True}, batch_format="pyarrow")]
     done = sum(c["rows"] for c in copied)
     if copied:
         log.info("copied %d files (%d rows) of the previous version as they are", len(copied), done)
@@ -200,15 +220,14 @@ def uris(folder: str, meta: list[dict]) -> list[str]:
     return [storage.join(folder, m["file"]) for m in meta]
 
 
-def verify(meta: list[dict], keys: pa.Table, out_uri: str, what: str) -> int:
+def verify(meta: list[dict], keys: Keys, out_uri: str, what: str) -> int:
     """Exactly once: the written rows must be the (item_id, text_hash) rows of `keys`, each once."""
     rows = sum(m["rows"] for m in meta)
     checksum = sum(int(m["checksum"]) for m in meta) % 2**64
-    expected = key_checksum(keys[ITEM_ID], keys[TEXT_HASH])
-    if rows != keys.num_rows or checksum != expected:
+    if rows != keys.rows or checksum != keys.checksum:
         raise storage.StorageError(
             f"{out_uri}: the written {what} are not the input's items exactly once ({rows} rows written, "
-            f"{keys.num_rows} expected; (item_id, text_hash) checksum {'matches' if checksum == expected else 'differs'}); "
+            f"{keys.rows} expected; (item_id, text_hash) checksum {'matches' if checksum == keys.checksum else 'differs'}); "
             "nothing is published"
         )
     return rows

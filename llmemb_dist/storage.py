@@ -300,12 +300,12 @@ def write_batches(batches: Iterable[pa.RecordBatch | pa.Table], num_rows: int, u
     return names
 
 
-def read_parquet_files(uris: list[str]) -> pa.Table:
+def read_parquet_files(uris: list[str], columns: list[str] | None = None) -> pa.Table:
     tables = []
     for uri in uris:
         fs, path = resolve(uri)
         try:
-            tables.append(pq.read_table(path, filesystem=fs))
+            tables.append(pq.read_table(path, columns=columns, filesystem=fs))
         except pa.ArrowInvalid as e:
             raise DataError(f"{uri}: not a readable Parquet file ({e})") from e
         except OSError as e:

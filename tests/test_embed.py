@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -234,3 +235,29 @@ def test_incremental_after_a_new_encoder_embeds_every_item(ray_local, tmp_path, 
     uri = embed(cfg)
     assert "no vector can be reused" in caplog.text
     assert storage.read_manifest(uri)["counts"] == {"items": MAX_ITEMS, "new": MAX_ITEMS, "reused": 0, "removed": 0}
+
+
+def test_keys_and_carry_over_are_computed_by_ray_tasks_from_files(ray_local, tmp_path):
+    """The driver gets counts and checksums; which previous files are copied whole, rewritten in part or
+    dropped follows from the rows both versions hold."""
+    import ray
+
+    from llmemb_dist.blockio import carry_over, key_checksum, row_hashes, table_keys
+
+    def files(name, rows):
+        table = pa.table({ITEM_ID: [r[0] for r in rows], TEXT_HASH: [r[1] for r in rows]})
+        (tmp_path / name).mkdir()
+        uris = [str(tmp_path / name / f"part-{k}.parquet") for k in range(2)]
+        pq.write_table(table.slice(0, 3), uris[0])
+        pq.write_table(table.slice(3), uris[1])
+        return table, uris
+
+    current, current_files = files("now", [("a", "1"), ("b", "2"), ("c", "3"), ("d", "4"), ("e", "5"), ("z", "0")])
+    keys = table_keys(current_files, blank_hash="0")
+    assert (keys.rows, keys.checksum, keys.blank) == (6, key_checksum(current[ITEM_ID], current[TEXT_HASH]), "z")
+    assert (ray.get(keys.row_hashes) == np.sort(row_hashes(current[ITEM_ID], current[TEXT_HASH]))).all()
+    # day 1: a, b, c as today (first file copied whole); d edited since, x removed, e as today (rewritten in part)
+    _, previous_files = files("before", [("a", "1"), ("b", "2"), ("c", "3"), ("d", "9"), ("x", "7"), ("e", "5")])
+    carry = carry_over(keys, previous_files)
+    assert (carry.reused, carry.removed) == (4, 1)
+    assert [c["uri"] for c in carry.whole] == previous_files[:1] and carry.partial == previous_files[1:]

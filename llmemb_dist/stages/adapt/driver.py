@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 
-import pyarrow as pa
 
 from llmemb_dist import blockio, layout, storage, tracking
 from llmemb_dist.config import Config, config_hash, to_dict
@@ -43,10 +42,10 @@ def adapt(cfg: Config) -> str:
     init_ray(cfg.ray, cfg.log.verbose)
     check_actor_pool(cfg.adapt.num_actors, cfg.adapt.cpus_per_actor, "adapt")
     emb_files = storage.table_files(emb_uri, "embeddings", emb_manifest)
-    keys = blockio.read_keys(emb_files)
+    keys = blockio.table_keys(emb_files)
     carry, previous = carried_over(cfg, keys, inputs)
     reused = carry.reused if carry else 0
-    counts = {"items": keys.num_rows, "computed": keys.num_rows - reused, "reused": reused,
+    counts = {"items": keys.rows, "computed": keys.rows - reused, "reused": reused,
               "removed": carry.removed if carry else 0}
     log.info("adapting %s with %s into %s: %s", emb_uri, rat_uri, out_uri, counts)
     started = time.time()
@@ -96,7 +95,7 @@ def check_inputs(rat_uri: str, rat_manifest: dict, emb_uri: str, emb_manifest: d
     return placement
 
 
-def carried_over(cfg: Config, keys: pa.Table, inputs: dict) -> tuple[blockio.CarryOver | None, str | None]:
+def carried_over(cfg: Config, keys: blockio.Keys, inputs: dict) -> tuple[blockio.CarryOver | None, str | None]:
     """What a previous adapted version holds from the same model and LLM vectors, and its URI."""
     if not cfg.adapt.incremental_from:
         return None, None
@@ -113,13 +112,12 @@ def carried_over(cfg: Config, keys: pa.Table, inputs: dict) -> tuple[blockio.Car
 
 def placed(cfg: Config, emb_files: list[str], carry: blockio.CarryOver | None, placement_uri: str):
     """The Ray Dataset of the items to compute, through the placement on an actor pool (lazy)."""
-    import ray
     from ray.data import ActorPoolStrategy
 
     a = cfg.adapt
     dataset = blockio.read(emb_files, min_blocks=a.num_actors * 4)
     if carry and carry.reused:
-        dataset = dataset.map_batches(blockio.keep_rows, fn_kwargs={"ids_ref": ray.put(carry.reused_ids), "keep": False},
+        dataset = dataset.map_batches(blockio.keep_rows, fn_kwargs={"hashes_ref": carry.previous_rows, "keep": False},
                                       batch_format="pyarrow")
     return dataset.map_batches(
         PlaceActor, fn_constructor_kwargs={"placement_uri": placement_uri, "num_threads": int(a.cpus_per_actor)},

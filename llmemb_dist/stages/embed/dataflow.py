@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 
 def embedded(cfg: Config, plan: Plan, adapter: tuple[str, dict] | None, txn: str):
     """The Ray Dataset of new and changed items' embeddings (lazy)."""
-    import ray
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     e = cfg.embed
@@ -27,7 +26,8 @@ def embedded(cfg: Config, plan: Plan, adapter: tuple[str, dict] | None, txn: str
     # few read tasks per actor (splitting files at read time keeps the pipeline streaming).
     catalog = read(plan.catalog_files, min_blocks=e.num_actors * 4)
     if plan.reused:
-        catalog = catalog.map_batches(keep_rows, fn_kwargs={"ids_ref": ray.put(plan.carry.reused_ids), "keep": False}, batch_format="pyarrow")
+        catalog = catalog.map_batches(keep_rows, fn_kwargs={"hashes_ref": plan.carry.previous_rows, "keep": False},
+                                      batch_format="pyarrow")
     marker = str(Path(tempfile.gettempdir()) / f"llmemb-embed-fault-{txn}") if e.fail_actor_once else None
     # Prompts are rendered and tokenized by tasks beside the actors, so a forward pass never waits for them.
     # Two tasks per actor keep the actors fed (tokenizing costs far less than the forward); a task pool of

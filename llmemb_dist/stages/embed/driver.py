@@ -1,6 +1,7 @@
 """Stage 2: embed every catalog item with Ray Data, or only the changed ones (incremental mode).
 
-The driver plans from narrow columns (item_id, text_hash), the model runs in an actor pool
+The driver plans from per-file counts and checksums of the (item_id, text_hash) columns that Ray tasks
+compute (the keys themselves stay in Ray's object store), the model runs in an actor pool
 (one replica per GPU or per `cpus_per_actor` cores), and every block is written straight to
 `<version>/<data-txn>/embeddings/` by Ray workers: the vectors never pass through the driver,
 which is what lets this scale to 10^8 items (10^8 x 4096 float32 is 1.6 TB). Each written file
@@ -51,7 +52,7 @@ def embed(cfg: Config) -> str:
     init_ray(cfg.ray, cfg.log.verbose)
     check_actor_pool(cfg.embed.num_actors, cfg.embed.cpus_per_actor, "embed")
     plan = make_plan(cfg, data_uri, data_manifest, dim, encoder)
-    counts = {"items": plan.keys.num_rows, "new": plan.new, "reused": plan.reused, "removed": plan.removed}
+    counts = {"items": plan.keys.rows, "new": plan.new, "reused": plan.reused, "removed": plan.removed}
     log.info("embedding %s into %s: %s", data_uri, out_uri, counts)
     if plan.new == 0:
         log.info("no item is new or changed: no model work, carrying %d embeddings over", plan.reused)
@@ -75,7 +76,7 @@ def embed(cfg: Config) -> str:
                 new = dataflow.embedded(cfg, plan, adapter, pub.data_dir)
                 parts.append(new.map_batches(embed_pca.project, fn_kwargs={"pca": pca}, batch_format="pyarrow") if pca else new)
             meta = blockio.write_with_carry_over(parts, plan.carry, folder, cfg.embed.rows_per_file,
-                                                 Progress(log, "embed", plan.keys.num_rows, unit="items"))
+                                                 Progress(log, "embed", plan.keys.rows, unit="items"))
         rows = blockio.verify(meta, plan.keys, out_uri, "embeddings")
         seconds = time.time() - start
         log.info("wrote %d embeddings in %d files in %.1f s (%.1f items/s embedded)",

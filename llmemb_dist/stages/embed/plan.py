@@ -7,15 +7,12 @@ import json
 import logging
 from dataclasses import dataclass
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from llmemb_dist import layout, storage
 from llmemb_dist.config import Config, ConfigError
-from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH, text_hash
+from llmemb_dist.data.catalog import text_hash
 from llmemb_dist.llm.loading import ModelSource
 from llmemb_dist.stages.embed import pca as embed_pca
-from llmemb_dist.blockio import CarryOver, carry_over, read_keys
+from llmemb_dist.blockio import CarryOver, Keys, carry_over, table_keys
 
 log = logging.getLogger(__name__)
 EMPTY_TEXT_HASH = text_hash([])  # the hash of an item with every attribute empty
@@ -26,7 +23,7 @@ class Plan:
     """What this run embeds, and what it carries over from a previous version."""
 
     catalog_files: list[str]
-    keys: pa.Table  # item_id, text_hash of the whole catalog
+    keys: Keys  # of the whole catalog
     previous: str | None = None
     previous_manifest: dict | None = None
     carry: CarryOver | None = None
@@ -41,7 +38,7 @@ class Plan:
 
     @property
     def new(self) -> int:
-        return self.keys.num_rows - self.reused
+        return self.keys.rows - self.reused
 
 
 def resolve_adapter(cfg: Config, base: dict) -> tuple[str, dict] | None:
@@ -85,11 +82,9 @@ def make_plan(cfg: Config, data_uri: str, data_manifest: dict, dim: int, encoder
     if data_manifest["tables"].get("catalog", {}).get("rows", 0) == 0:
         raise storage.DataError(f"{data_uri}: the catalog is empty: nothing to embed")
     files = storage.table_files(data_uri, "catalog", data_manifest)
-    keys = read_keys(files)
-    blank = pc.equal(keys[TEXT_HASH], EMPTY_TEXT_HASH)
-    if pc.any(blank).as_py():
-        item = keys[ITEM_ID].filter(blank)[0].as_py()
-        raise storage.DataError(f"{data_uri} (catalog): item {item!r} has every attribute empty: nothing to embed")
+    keys = table_keys(files, blank_hash=EMPTY_TEXT_HASH)
+    if keys.blank is not None:
+        raise storage.DataError(f"{data_uri} (catalog): item {keys.blank!r} has every attribute empty: nothing to embed")
     plan = Plan(catalog_files=files, keys=keys)
     if not cfg.embed.incremental_from:
         return plan
