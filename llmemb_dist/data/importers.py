@@ -24,7 +24,7 @@ from llmemb_dist.data.catalog import ITEM_ID, TIMESTAMP, USER_ID
 from llmemb_dist.storage import DataError
 
 RECBOLE_PREFIX = "recbole:"
-BLOCK_BYTES = 8 << 20  # text per batch: what the parser holds, several batches at once
+BLOCK_BYTES = 8 << 20  # raw text parsed at once: bounds the import's memory; per-batch lookups favour larger
 
 
 @dataclass(frozen=True)
