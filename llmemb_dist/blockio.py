@@ -35,42 +35,50 @@ def read(uris: list[str], columns: list[str] | None = None, min_blocks: int = 0,
 
 @dataclass
 class Keys:
-    """A table's (item_id, text_hash) rows as Ray holds them: the driver has the count and the checksum,
-    the sorted 64-bit hashes of the rows and of the item ids stay in the object store for the tasks that
-    look rows up. So the driver's memory does not grow with the catalog."""
+    """A table's (item_id, text_hash) rows as Ray holds them: the driver has the count and the checksum;
+    with lookups, the sorted 64-bit hashes of the rows and of the item ids stay in the object store for
+    the tasks that look rows up. So the driver's memory does not grow with the catalog."""
 
     rows: int
     checksum: int
-    row_hashes: object  # ObjectRef of a sorted uint64 array
-    item_hashes: object  # ObjectRef of a sorted uint64 array
+    row_hashes: object | None  # ObjectRef of a sorted uint64 array (with lookups)
+    item_hashes: object | None  # ObjectRef of a sorted uint64 array (with lookups)
     blank: str | None = None  # the first item found whose text_hash is `blank_hash`, if one was given
 
 
-def table_keys(files: list[str], blank_hash: str | None = None) -> Keys:
-    """The Keys of the rows of `files`, one Ray task per file."""
+def table_keys(files: list[str], blank_hash: str | None = None, lookups: bool = False) -> Keys:
+    """The Keys of the rows of `files`, one Ray task per file; `lookups` (an incremental run's carry-over)
+    adds the sorted hashes, which a full run does not need."""
     import ray
 
-    per_file = [ray.remote(num_returns=3)(_file_keys).remote(f, blank_hash) for f in files]
+    per_file = [ray.remote(num_returns=3)(_file_keys).remote(f, blank_hash, lookups) for f in files]
     summaries = ray.get([refs[0] for refs in per_file])
     merge = ray.remote(_sorted_union)
     return Keys(
         rows=sum(s["rows"] for s in summaries),
         checksum=sum(s["checksum"] for s in summaries) % 2**64,
-        row_hashes=merge.remote(*[refs[1] for refs in per_file]),
-        item_hashes=merge.remote(*[refs[2] for refs in per_file]),
+        row_hashes=merge.remote(*[refs[1] for refs in per_file]) if lookups else None,
+        item_hashes=merge.remote(*[refs[2] for refs in per_file]) if lookups else None,
         blank=next((s["blank"] for s in summaries if s["blank"]), None),
     )
 
 
-def _file_keys(uri: str, blank_hash: str | None) -> tuple[dict, np.ndarray, np.ndarray]:
-    keys = storage.read_parquet_files([uri], columns=[ITEM_ID, TEXT_HASH])
-    rows = row_hashes(keys[ITEM_ID], keys[TEXT_HASH])
+def _file_keys(uri: str, blank_hash: str | None, lookups: bool) -> tuple[dict, np.ndarray | None, np.ndarray | None]:
+    keys, rows = _read_keys(uri)
     blank = None
     if blank_hash:
         hits = keys[ITEM_ID].filter(pc.equal(keys[TEXT_HASH], blank_hash))
         blank = hits[0].as_py() if len(hits) else None
     summary = {"rows": keys.num_rows, "checksum": int(rows.sum(dtype=np.uint64)), "blank": blank}
+    if not lookups:
+        return summary, None, None
     return summary, np.sort(rows), np.sort(_hashes(keys[ITEM_ID]))
+
+
+def _read_keys(uri: str) -> tuple[pa.Table, np.ndarray]:
+    """One file's (item_id, text_hash) columns and their row hashes."""
+    keys = storage.read_parquet_files([uri], columns=[ITEM_ID, TEXT_HASH])
+    return keys, row_hashes(keys[ITEM_ID], keys[TEXT_HASH])
 
 
 def _sorted_union(*arrays: np.ndarray) -> np.ndarray:
@@ -105,8 +113,9 @@ class CarryOver:
 
 
 def carry_over(keys: Keys, previous_files: list[str]) -> CarryOver:
-    """Which rows of the previous version's files (`previous_files`) the catalog's `keys` still hold as
-    they are (an item whose (item_id, text_hash) row is in both is carried over), one Ray task per file."""
+    """Which rows of the previous version's files (`previous_files`) the catalog's `keys` (with lookups)
+    still hold as they are (an item whose (item_id, text_hash) row is in both is carried over), one Ray
+    task per file."""
     import ray
 
     per_file = [ray.remote(num_returns=2)(_file_carry).remote(f, keys.row_hashes, keys.item_hashes)
@@ -123,8 +132,7 @@ def carry_over(keys: Keys, previous_files: list[str]) -> CarryOver:
 
 
 def _file_carry(uri: str, current_rows: np.ndarray, current_items: np.ndarray) -> tuple[dict, np.ndarray]:
-    keys = storage.read_parquet_files([uri], columns=[ITEM_ID, TEXT_HASH])
-    rows = row_hashes(keys[ITEM_ID], keys[TEXT_HASH])
+    keys, rows = _read_keys(uri)
     counts = {"rows": keys.num_rows, "same": int(_members(rows, current_rows).sum()),
               "removed": int((~_members(_hashes(keys[ITEM_ID]), current_items)).sum()),
               "checksum": int(rows.sum(dtype=np.uint64))}

@@ -253,9 +253,10 @@ def test_keys_and_carry_over_are_computed_by_ray_tasks_from_files(ray_local, tmp
         return table, uris
 
     current, current_files = files("now", [("a", "1"), ("b", "2"), ("c", "3"), ("d", "4"), ("e", "5"), ("z", "0")])
-    keys = table_keys(current_files, blank_hash="0")
+    keys = table_keys(current_files, blank_hash="0", lookups=True)
     assert (keys.rows, keys.checksum, keys.blank) == (6, key_checksum(current[ITEM_ID], current[TEXT_HASH]), "z")
     assert (ray.get(keys.row_hashes) == np.sort(row_hashes(current[ITEM_ID], current[TEXT_HASH]))).all()
+    assert table_keys(current_files).row_hashes is None  # a full run looks nothing up
     # day 1: a, b, c as today (first file copied whole); d edited since, x removed, e as today (rewritten in part)
     _, previous_files = files("before", [("a", "1"), ("b", "2"), ("c", "3"), ("d", "9"), ("x", "7"), ("e", "5")])
     carry = carry_over(keys, previous_files)

@@ -42,7 +42,7 @@ def adapt(cfg: Config) -> str:
     init_ray(cfg.ray, cfg.log.verbose)
     check_actor_pool(cfg.adapt.num_actors, cfg.adapt.cpus_per_actor, "adapt")
     emb_files = storage.table_files(emb_uri, "embeddings", emb_manifest)
-    keys = blockio.table_keys(emb_files)
+    keys = blockio.table_keys(emb_files, lookups=bool(cfg.adapt.incremental_from))
     carry, previous = carried_over(cfg, keys, inputs)
     reused = carry.reused if carry else 0
     counts = {"items": keys.rows, "computed": keys.rows - reused, "reused": reused,

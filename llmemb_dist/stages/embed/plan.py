@@ -82,7 +82,7 @@ def make_plan(cfg: Config, data_uri: str, data_manifest: dict, dim: int, encoder
     if data_manifest["tables"].get("catalog", {}).get("rows", 0) == 0:
         raise storage.DataError(f"{data_uri}: the catalog is empty: nothing to embed")
     files = storage.table_files(data_uri, "catalog", data_manifest)
-    keys = table_keys(files, blank_hash=EMPTY_TEXT_HASH)
+    keys = table_keys(files, blank_hash=EMPTY_TEXT_HASH, lookups=bool(cfg.embed.incremental_from))
     if keys.blank is not None:
         raise storage.DataError(f"{data_uri} (catalog): item {keys.blank!r} has every attribute empty: nothing to embed")
     plan = Plan(catalog_files=files, keys=keys)
