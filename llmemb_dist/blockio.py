@@ -97,15 +97,15 @@ def _members(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
 class CarryOver:
     """What an incremental run takes from the previous version of its table. A previous file every row
     of which is still current is copied as it is, by the storage (a hard link on a local disk, a
-    server-side copy on S3): no worker reads or rewrites it. From the other previous files the current
-    rows are read and rewritten. So a day that adds items to a catalog costs what the new items cost."""
+    server-side copy on S3): no worker reads or rewrites it. A file only some of whose rows are current is
+    rewritten with those rows by one Ray task, from the keep mask the planning task made of it: no row is
+    hashed twice. So a day that adds items to a catalog costs what the new items cost."""
 
     reused: int  # rows carried over: their (item_id, text_hash) is in both versions
     removed: int  # previous items no longer in the catalog
     previous_rows: object  # ObjectRef of the previous version's sorted row hashes: a catalog row in it is not recomputed
-    current_rows: object  # ObjectRef of the catalog's sorted row hashes: the rows kept of a rewritten file
     whole: list[dict] = field(default_factory=list)  # {"uri", "file", "rows", "checksum"} of files copied as they are
-    partial: list[str] = field(default_factory=list)  # URIs of files whose current rows are rewritten
+    partial: list[dict] = field(default_factory=list)  # {"uri", "keep" (ObjectRef of a row mask), "rows", "checksum"} of files rewritten
 
     def file_counts(self) -> dict[str, int]:
         """What the manifest records of it: previous files copied as they are, and rewritten in part."""
@@ -118,25 +118,26 @@ def carry_over(keys: Keys, previous_files: list[str]) -> CarryOver:
     task per file."""
     import ray
 
-    per_file = [ray.remote(num_returns=2)(_file_carry).remote(f, keys.row_hashes, keys.item_hashes)
+    per_file = [ray.remote(num_returns=3)(_file_carry).remote(f, keys.row_hashes, keys.item_hashes)
                 for f in previous_files]
     counts = ray.get([refs[0] for refs in per_file])
     carry = CarryOver(sum(c["same"] for c in counts), sum(c["removed"] for c in counts),
-                      ray.remote(_sorted_union).remote(*[refs[1] for refs in per_file]), keys.row_hashes)
-    for uri, c in zip(previous_files, counts):
+                      ray.remote(_sorted_union).remote(*[refs[1] for refs in per_file]))
+    for uri, c, refs in zip(previous_files, counts, per_file):
         if c["same"] == c["rows"]:
             carry.whole.append({"uri": uri, "file": uri.rsplit("/", 1)[-1], "rows": c["rows"], "checksum": c["checksum"]})
         elif c["same"]:
-            carry.partial.append(uri)
+            carry.partial.append({"uri": uri, "keep": refs[2], "rows": c["same"], "checksum": c["same_checksum"]})
     return carry
 
 
-def _file_carry(uri: str, current_rows: np.ndarray, current_items: np.ndarray) -> tuple[dict, np.ndarray]:
+def _file_carry(uri: str, current_rows: np.ndarray, current_items: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray]:
     keys, rows = _read_keys(uri)
-    counts = {"rows": keys.num_rows, "same": int(_members(rows, current_rows).sum()),
+    same = _members(rows, current_rows)
+    counts = {"rows": keys.num_rows, "same": int(same.sum()),
               "removed": int((~_members(_hashes(keys[ITEM_ID]), current_items)).sum()),
-              "checksum": int(rows.sum(dtype=np.uint64))}
-    return counts, np.sort(rows)
+              "checksum": int(rows.sum(dtype=np.uint64)), "same_checksum": int(rows[same].sum(dtype=np.uint64))}
+    return counts, np.sort(rows), same
 
 
 def _hashes(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -161,29 +162,47 @@ def key_checksum(item_ids: pa.Array | pa.ChunkedArray, hashes: pa.Array | pa.Chu
     return int(row_hashes(item_ids, hashes).sum(dtype=np.uint64))
 
 
-def keep_rows(batch: pa.Table, hashes_ref, keep: bool) -> pa.Table:
-    """Rows whose (item_id, text_hash) is (keep=True) or is not (keep=False) in the shared sorted row hashes."""
+def read_not_carried(uris: list[str], carry: CarryOver):
+    """The rows of the Parquet files `uris` that `carry` does not take from the previous version (the ones to
+    compute), as a Ray Dataset of a block per file. Ray Data's reader would put an incremental run's few rows
+    in one or two read tasks, each also re-reading whole files for a handful of rows."""
     import ray
 
-    mask = _members(row_hashes(batch[ITEM_ID], batch[TEXT_HASH]), ray.get(hashes_ref))
-    return batch.filter(mask if keep else ~mask)
+    return ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=len(uris)).map_batches(
+        _not_carried_rows, fn_kwargs={"hashes_ref": carry.previous_rows}, batch_size=1, batch_format="pyarrow")
+
+
+def _not_carried_rows(batch: pa.Table, hashes_ref) -> pa.Table:
+    """The rows of the file named in `batch` whose (item_id, text_hash) is not in the shared sorted row hashes."""
+    import ray
+
+    table = storage.read_parquet_files(batch["uri"].to_pylist())
+    return table.filter(~_members(row_hashes(table[ITEM_ID], table[TEXT_HASH]), ray.get(hashes_ref)))
 
 
 def write_block(batch: pa.Table, folder_uri: str) -> pa.Table:
-    """Writes one batch as one Parquet file named by its item ids; returns (file, rows, checksum).
-
-    The name depends only on the content, so a retried task (an actor that died, a lost
-    worker) rewrites the same file instead of adding a second copy.
-    """
+    """Writes one batch as one Parquet file named by its item ids; returns (file, rows, checksum)."""
     if batch.num_rows == 0:
         return pa.table({"file": pa.array([], pa.string()), "rows": pa.array([], pa.int64()), "checksum": pa.array([], pa.uint64())})
+    record = _write_named(batch, folder_uri, key_checksum(batch[ITEM_ID], batch[TEXT_HASH]))
+    return pa.table({"file": [record["file"]], "rows": pa.array([record["rows"]], pa.int64()),
+                     "checksum": pa.array([record["checksum"]], pa.uint64())})
+
+
+def _write_named(batch: pa.Table, folder_uri: str, checksum: int) -> dict:
+    """Writes `batch` as one Parquet file whose name depends only on its item ids, so a retried task (an
+    actor that died, a lost worker) rewrites the same file instead of adding a second copy."""
     ids = batch[ITEM_ID].to_pylist()
     name = f"part-{hashlib.sha256(chr(10).join(sorted(ids)).encode()).hexdigest()[:24]}.parquet"
     buf = io.BytesIO()
     pq.write_table(batch, buf)
     storage.write_bytes(storage.join(folder_uri, name), buf.getvalue())
-    checksum = key_checksum(batch[ITEM_ID], batch[TEXT_HASH])
-    return pa.table({"file": [name], "rows": pa.array([batch.num_rows], pa.int64()), "checksum": pa.array([checksum], pa.uint64())})
+    return {"file": name, "rows": batch.num_rows, "checksum": checksum}
+
+
+def _rewrite_kept(uri: str, keep: np.ndarray, checksum: int, folder_uri: str) -> dict:
+    """A previous file's current rows (`keep`, whose key checksum is `checksum`), written as a file of the new version."""
+    return _write_named(storage.read_parquet_files([uri]).filter(keep), folder_uri, checksum)
 
 
 def write(dataset, folder: str, rows_per_file: int, progress: Progress | None = None, done: int = 0) -> list[dict]:
@@ -202,26 +221,31 @@ def write(dataset, folder: str, rows_per_file: int, progress: Progress | None = 
     return list(files.values())
 
 
-def write_with_carry_over(parts: list, carry: CarryOver | None, folder: str, rows_per_file: int,
+def write_with_carry_over(computed, carry: CarryOver | None, folder: str, rows_per_file: int,
                           progress: Progress | None = None) -> list[dict]:
-    """Writes the computed `parts` (Ray Datasets) and what `carry` takes from the previous version: its
-    whole files copied as they are, the current rows of its other files rewritten; returns every file's record."""
-    copied = []
+    """Writes the `computed` rows (a Ray Dataset, or None when there are none) and what `carry` takes from
+    the previous version: its whole files copied as they are, the current rows of its other files rewritten
+    by tasks that run beside the computed rows' pipeline; returns every file's record."""
+    import ray
+
+    copied, rewrites = [], []
     if carry is not None:
+        rewrite = ray.remote(_rewrite_kept)
+        rewrites = [rewrite.remote(p["uri"], p["keep"], p["checksum"], folder) for p in carry.partial]
         storage.copy_files([(c["uri"], storage.join(folder, c["file"])) for c in carry.whole])
         copied = [{k: c[k] for k in ("file", "rows", "checksum")} for c in carry.whole]
-        if carry.partial:
-            parts = parts + [read(carry.partial).map_batches(
-                keep_rows, fn_kwargs={"hashes_ref": carry.current_rows, "keep": True}, batch_format="pyarrow")]
-    done = sum(c["rows"] for c in copied)
     if copied:
-        log.info("copied %d files (%d rows) of the previous version as they are", len(copied), done)
+        log.info("copied %d files (%d rows) of the previous version as they are", len(copied), sum(c["rows"] for c in copied))
+    # Carried rows count as done from the start: the pace, and so the ETA, is the computed rows'.
+    done = sum(c["rows"] for c in copied) + sum(p["rows"] for p in carry.partial) if carry else 0
     if progress:
-        progress.start = done  # the pace, and so the ETA, is the written rows'
-    if not parts:
-        return copied
-    dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return copied + write(dataset, folder, rows_per_file, progress, done)
+        progress.start = done
+    written = [] if computed is None else write(computed, folder, rows_per_file, progress, done)
+    rewritten = ray.get(rewrites)
+    if rewritten:
+        log.info("rewrote the current rows of %d files of the previous version (%d rows)",
+                 len(rewritten), sum(r["rows"] for r in rewritten))
+    return copied + written + rewritten
 
 
 def uris(folder: str, meta: list[dict]) -> list[str]:

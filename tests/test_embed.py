@@ -242,7 +242,7 @@ def test_keys_and_carry_over_are_computed_by_ray_tasks_from_files(ray_local, tmp
     dropped follows from the rows both versions hold."""
     import ray
 
-    from llmemb_dist.blockio import carry_over, key_checksum, row_hashes, table_keys
+    from llmemb_dist.blockio import carry_over, key_checksum, read_not_carried, row_hashes, table_keys, write_with_carry_over
 
     def files(name, rows):
         table = pa.table({ITEM_ID: [r[0] for r in rows], TEXT_HASH: [r[1] for r in rows]})
@@ -261,4 +261,14 @@ def test_keys_and_carry_over_are_computed_by_ray_tasks_from_files(ray_local, tmp
     _, previous_files = files("before", [("a", "1"), ("b", "2"), ("c", "3"), ("d", "9"), ("x", "7"), ("e", "5")])
     carry = carry_over(keys, previous_files)
     assert (carry.reused, carry.removed) == (4, 1)
-    assert [c["uri"] for c in carry.whole] == previous_files[:1] and carry.partial == previous_files[1:]
+    assert [c["uri"] for c in carry.whole] == previous_files[:1] and [p["uri"] for p in carry.partial] == previous_files[1:]
+    # The partly current file is rewritten with its current rows, from the planning task's mask (no row hashed
+    # again); the catalog rows to compute are the ones the previous version lacks.
+    out = tmp_path / "out"
+    written = write_with_carry_over(None, carry, str(out), rows_per_file=10)
+    assert sum(m["rows"] for m in written) == 4
+    rewritten = pq.read_table(out / next(m["file"] for m in written if m["file"] != "part-0.parquet"))
+    assert rewritten[ITEM_ID].to_pylist() == ["e"]
+    assert int(next(m["checksum"] for m in written if m["file"] != "part-0.parquet")) == key_checksum(rewritten[ITEM_ID], rewritten[TEXT_HASH])
+    to_compute = read_not_carried(current_files, carry).to_arrow_refs()
+    assert sorted(pa.concat_tables(ray.get(to_compute))[ITEM_ID].to_pylist()) == ["d", "z"]

@@ -51,11 +51,9 @@ def adapt(cfg: Config) -> str:
     started = time.time()
     with tracking.stage_run(cfg, "adapt", cfg.adapt.version) as run, storage.publish(
             out_uri, kind="adapted", config=to_dict(cfg), config_hash=config_hash(cfg.adapt), inputs=inputs) as pub:
-        parts = []
-        if counts["computed"]:
-            parts.append(placed(cfg, emb_files, carry, storage.join(storage.data_uri(rat_uri, rat_manifest),
-                                                                    placement["folder"])))
-        meta = blockio.write_with_carry_over(parts, carry, storage.join(pub.data_uri, TABLE), cfg.adapt.rows_per_file,
+        computed = placed(cfg, emb_files, carry, storage.join(storage.data_uri(rat_uri, rat_manifest),
+                                                              placement["folder"])) if counts["computed"] else None
+        meta = blockio.write_with_carry_over(computed, carry, storage.join(pub.data_uri, TABLE), cfg.adapt.rows_per_file,
                                              Progress(log, "adapt", counts["items"], unit="items"))
         rows = blockio.verify(meta, keys, out_uri, "adapted vectors")
         pub.add_table_files(TABLE, [m["file"] for m in meta], rows, embeddings_schema(placement["hidden"]))
@@ -115,10 +113,10 @@ def placed(cfg: Config, emb_files: list[str], carry: blockio.CarryOver | None, p
     from ray.data import ActorPoolStrategy
 
     a = cfg.adapt
-    dataset = blockio.read(emb_files, min_blocks=a.num_actors * 4)
     if carry and carry.reused:
-        dataset = dataset.map_batches(blockio.keep_rows, fn_kwargs={"hashes_ref": carry.previous_rows, "keep": False},
-                                      batch_format="pyarrow")
+        dataset = blockio.read_not_carried(emb_files, carry)
+    else:
+        dataset = blockio.read(emb_files, min_blocks=a.num_actors * 4)
     return dataset.map_batches(
         PlaceActor, fn_constructor_kwargs={"placement_uri": placement_uri, "num_threads": int(a.cpus_per_actor)},
         batch_size=a.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=a.num_actors),

@@ -23,28 +23,32 @@ from llmemb_dist.llm.loading import (
 # A Ray batch holds this many model batches; sorting it by length before cutting it into model batches
 # puts prompts of similar length together, so little compute goes to padding.
 SORT_WINDOW = 8
-INPUT_IDS = "input_ids"  # the token ids `tokenized` hands the actor, one list<int32> per item
+INPUT_IDS = "input_ids"  # the token ids `PromptTokenizer` hands the model actor, one list<int32> per item
 
 log = logging.getLogger(__name__)
-_tokenizers: dict[tuple[str, str], object] = {}  # per worker process: Ray reuses workers across tasks
 
 
-def tokenized(batch: pa.Table, model: ModelConfig) -> pa.Table:
+class PromptTokenizer:
     """Catalog rows as (item_id, text_hash, input_ids): the prompt of each item, tokenized and truncated.
 
-    A Ray Data task of its own in the job, so that rendering prompts and tokenizing run on the cores beside
-    the model actors instead of in front of each forward pass."""
-    key = (model.path, model.gguf_file)
-    if key not in _tokenizers:
-        _tokenizers[key] = load_tokenizer(resolve_model(model))
-    columns = attribute_columns(batch.schema)
-    prompts = [render_prompt(model.instruction, item_attributes(row, columns)) for row in batch.select(columns).to_pylist()]
-    ids = _tokenizers[key](prompts, truncation=True, max_length=model.max_length)["input_ids"]
-    return pa.table({ITEM_ID: batch[ITEM_ID], TEXT_HASH: batch[TEXT_HASH], INPUT_IDS: pa.array(ids, pa.list_(pa.int32()))})
+    In the job, an actor of its own beside each model actor, so that rendering prompts and tokenizing run
+    while the model computes instead of in front of each forward pass. An actor, not tasks: Ray Data hands
+    an actor its next batch at once, where each task would first wait to be scheduled."""
+
+    def __init__(self, model: ModelConfig):
+        self.model = model
+        self.tokenizer = load_tokenizer(resolve_model(model))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        columns = attribute_columns(batch.schema)
+        prompts = [render_prompt(self.model.instruction, item_attributes(row, columns))
+                   for row in batch.select(columns).to_pylist()]
+        ids = self.tokenizer(prompts, truncation=True, max_length=self.model.max_length)["input_ids"]
+        return pa.table({ITEM_ID: batch[ITEM_ID], TEXT_HASH: batch[TEXT_HASH], INPUT_IDS: pa.array(ids, pa.list_(pa.int32()))})
 
 
 class EmbedActor:
-    """One model replica; Ray Data calls it with batches of `tokenized` rows (a class UDF on an actor pool)."""
+    """One model replica; Ray Data calls it with batches of `PromptTokenizer` rows (a class UDF on an actor pool)."""
 
     def __init__(
         self, model: ModelConfig, adapter_files: str | None, batch_size: int, device: str,
@@ -53,14 +57,15 @@ class EmbedActor:
         if device == "cpu":
             torch.set_num_threads(max(1, num_threads))
         source = resolve_model(model)
-        self.pad_id = load_tokenizer(source).pad_token_id
+        self.tokenize = PromptTokenizer(model)
+        self.pad_id = self.tokenize.tokenizer.pad_token_id
         backbone = load_backbone(source, model)
         if adapter_files:
             cache = node_cache_dir(model) / "adapters" / hashlib.sha256(adapter_files.encode()).hexdigest()[:16]
             # Merged into the base weights: plain Linear layers, no per-batch LoRA matmuls.
             backbone = load_adapter(backbone, storage.download_dir(adapter_files, cache)).merge_and_unload()
         self.encoder = PooledEncoder(backbone, model.pooling).to(device).eval()
-        self.model, self.batch_size, self.device = model, batch_size, device
+        self.batch_size, self.device = batch_size, device
         self.fault_marker = fault_marker
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -87,7 +92,7 @@ class EmbedActor:
 
     def embed_catalog(self, catalog: pa.Table) -> pa.Table:
         """The job's two steps in one process: catalog rows to their embeddings."""
-        return self(tokenized(catalog, self.model))
+        return self(self.tokenize(catalog))
 
 
 def _claim(marker: str) -> bool:

@@ -8,10 +8,10 @@ import tempfile
 from pathlib import Path
 
 from llmemb_dist import storage
-from llmemb_dist.blockio import keep_rows, read, uris
+from llmemb_dist.blockio import read, read_not_carried, uris
 from llmemb_dist.config import Config
 from llmemb_dist.stages.embed import pca as embed_pca
-from llmemb_dist.stages.embed.actor import SORT_WINDOW, EmbedActor, tokenized
+from llmemb_dist.stages.embed.actor import SORT_WINDOW, EmbedActor, PromptTokenizer
 from llmemb_dist.stages.embed.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -19,21 +19,23 @@ log = logging.getLogger(__name__)
 
 def embedded(cfg: Config, plan: Plan, adapter: tuple[str, dict] | None, txn: str):
     """The Ray Dataset of new and changed items' embeddings (lazy)."""
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+    from ray.data import ActorPoolStrategy
 
     e = cfg.embed
-    # Ray Data reads a small catalog as one block, which would leave all but one actor idle: ask for a
-    # few read tasks per actor (splitting files at read time keeps the pipeline streaming).
-    catalog = read(plan.catalog_files, min_blocks=e.num_actors * 4)
     if plan.reused:
-        catalog = catalog.map_batches(keep_rows, fn_kwargs={"hashes_ref": plan.carry.previous_rows, "keep": False},
-                                      batch_format="pyarrow")
+        catalog = read_not_carried(plan.catalog_files, plan.carry)
+    else:
+        # Ray Data reads a small catalog as one block, which would leave all but one actor idle: ask for a
+        # few read tasks per actor (splitting files at read time keeps the pipeline streaming).
+        catalog = read(plan.catalog_files, min_blocks=e.num_actors * 4)
     marker = str(Path(tempfile.gettempdir()) / f"llmemb-embed-fault-{txn}") if e.fail_actor_once else None
-    # Prompts are rendered and tokenized by tasks beside the actors, so a forward pass never waits for them.
-    # Two tasks per actor keep the actors fed (tokenizing costs far less than the forward); a task pool of
-    # its own size is also what keeps Ray Data from fusing these tasks into the actors.
-    tokens = catalog.map_batches(tokenized, fn_kwargs={"model": cfg.model}, batch_size=e.batch_size * SORT_WINDOW,
-                                 batch_format="pyarrow", compute=TaskPoolStrategy(size=2 * e.num_actors))
+    # Blocks of one model call each, so the model starts on the first rows while the next are tokenized.
+    catalog = catalog.repartition(target_num_rows_per_block=e.batch_size * SORT_WINDOW)
+    # A tokenizer reserves no CPU: it works while its model actor computes, and a reservation would take
+    # from the reads and writes the whole CPU they need (cluster.check_actor_pool).
+    tokens = catalog.map_batches(PromptTokenizer, fn_constructor_kwargs={"model": cfg.model},
+                                 batch_size=e.batch_size * SORT_WINDOW, batch_format="pyarrow",
+                                 compute=ActorPoolStrategy(size=e.num_actors), num_cpus=0)
     return tokens.map_batches(
         EmbedActor,
         fn_constructor_kwargs={

@@ -71,11 +71,10 @@ def embed(cfg: Config) -> str:
                 embed_pca.project, fn_kwargs={"pca": pca}, batch_format="pyarrow"), folder, cfg.embed.rows_per_file)
             storage.delete_tree(raw_folder)
         else:
-            parts = []
-            if plan.new:
-                new = dataflow.embedded(cfg, plan, adapter, pub.data_dir)
-                parts.append(new.map_batches(embed_pca.project, fn_kwargs={"pca": pca}, batch_format="pyarrow") if pca else new)
-            meta = blockio.write_with_carry_over(parts, plan.carry, folder, cfg.embed.rows_per_file,
+            new = dataflow.embedded(cfg, plan, adapter, pub.data_dir) if plan.new else None
+            if new is not None and pca:
+                new = new.map_batches(embed_pca.project, fn_kwargs={"pca": pca}, batch_format="pyarrow")
+            meta = blockio.write_with_carry_over(new, plan.carry, folder, cfg.embed.rows_per_file,
                                                  Progress(log, "embed", plan.keys.rows, unit="items"))
         rows = blockio.verify(meta, plan.keys, out_uri, "embeddings")
         seconds = time.time() - start
