@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -80,6 +81,10 @@ def write_catalog(folder: Path, size: int, changed: float = 0.0, added: float = 
     item = rng.permutation(size)[rng.choice(size, len(users), p=popularity / popularity.sum())]
     order = np.arange(len(users)) - np.repeat(np.cumsum(events) - events, events)  # event index within the user
     inter = pd.DataFrame({"user_id:token": users, "item_id:token": item, "timestamp:float": 1_600_000_000 + order * 60})
+    same = folder.parent / "synth" / "synth.inter"  # every catalog of a size has the same interactions
+    if folder.name != "synth" and same.is_file():
+        os.link(same, folder / "synth.inter")
+        return
     inter["item_id:token"] = "i" + inter["item_id:token"].astype(str)
     inter.to_csv(folder / "synth.inter", sep="\t", index=False)
 
