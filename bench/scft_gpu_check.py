@@ -94,7 +94,7 @@ def random_llama(folder: Path, shape: str, vocab: int, dtype: torch.dtype, devic
     return n
 
 
-def config(folder: Path, args, zero_stage: int, batch: int = 1, checkpointing: bool = True) -> Config:
+def config(folder: Path, args, zero_stage: int, batch: int, checkpointing: bool = True) -> Config:
     return load_config(None, [
         f"model.path={folder}", f"model.dtype={'fp32' if args.cpu else 'bf16'}", f"model.max_length={args.max_length}",
         f"model.gradient_checkpointing={str(checkpointing).lower()}", f"scft.use_gpu={not args.cpu}", f"scft.zero_stage={zero_stage}",
@@ -208,7 +208,7 @@ def main() -> None:
         t0 = time.perf_counter()
         rows = []
         for batch in args.embed_batches:
-            r = embed(config(folder, args, 0, checkpointing=False), prompts[:args.embed_items], tokenizer, batch, args)
+            r = embed(config(folder, args, 0, args.batches[0], checkpointing=False), prompts[:args.embed_items], tokenizer, batch, args)
             rows.append((f"embedding forward, batch {batch}", {**r, "tflops": 2 * n * r["tokens_per_s"] / 1e12,
                                                                 "hw_tflops": 2 * n * r["padded_tokens_per_s"] / 1e12}))
         runs = [(2, b, ckpt) for ckpt in (True, False) for b in args.batches] + [(3, args.batches[0], True)]
