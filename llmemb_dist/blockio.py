@@ -72,7 +72,7 @@ def _file_keys(uri: str, blank_hash: str | None, lookups: bool) -> tuple[dict, n
     summary = {"rows": keys.num_rows, "checksum": int(rows.sum(dtype=np.uint64)), "blank": blank}
     if not lookups:
         return summary, None, None
-    return summary, np.sort(rows), np.sort(_hashes(keys[ITEM_ID]))
+    return summary, rows, _hashes(keys[ITEM_ID])  # sorted once, in their union
 
 
 def _read_keys(uri: str) -> tuple[pa.Table, np.ndarray]:
@@ -137,7 +137,7 @@ def _file_carry(uri: str, current_rows: np.ndarray, current_items: np.ndarray) -
     counts = {"rows": keys.num_rows, "same": int(same.sum()),
               "removed": int((~_members(_hashes(keys[ITEM_ID]), current_items)).sum()),
               "checksum": int(rows.sum(dtype=np.uint64)), "same_checksum": int(rows[same].sum(dtype=np.uint64))}
-    return counts, np.sort(rows), same
+    return counts, rows, same
 
 
 def _hashes(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -228,16 +228,16 @@ def write_with_carry_over(computed, carry: CarryOver | None, folder: str, rows_p
     by tasks that run beside the computed rows' pipeline; returns every file's record."""
     import ray
 
-    copied, rewrites = [], []
+    copied, rewrites, done = [], [], 0
     if carry is not None:
         rewrite = ray.remote(_rewrite_kept)
         rewrites = [rewrite.remote(p["uri"], p["keep"], p["checksum"], folder) for p in carry.partial]
         storage.copy_files([(c["uri"], storage.join(folder, c["file"])) for c in carry.whole])
         copied = [{k: c[k] for k in ("file", "rows", "checksum")} for c in carry.whole]
+        # Carried rows count as done from the start: the pace, and so the ETA, is the computed rows'.
+        done = sum(c["rows"] for c in copied) + sum(p["rows"] for p in carry.partial)
     if copied:
         log.info("copied %d files (%d rows) of the previous version as they are", len(copied), sum(c["rows"] for c in copied))
-    # Carried rows count as done from the start: the pace, and so the ETA, is the computed rows'.
-    done = sum(c["rows"] for c in copied) + sum(p["rows"] for p in carry.partial) if carry else 0
     if progress:
         progress.start = done
     written = [] if computed is None else write(computed, folder, rows_per_file, progress, done)
