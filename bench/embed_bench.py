@@ -92,7 +92,6 @@ def main() -> None:
                 encoder(**tokenize(tok, prompts[i:i + BATCH], cfg.model.max_length))
 
     def hf_sorted() -> None:  # the job's per-batch work without Ray: length-sorted batches
-        order = np.argsort([len(p) for p in prompts])
         with torch.inference_mode():
             for i in range(0, len(prompts), BATCH):
                 encoder(**tokenize(tok, [prompts[j] for j in order[i:i + BATCH]], cfg.model.max_length))
@@ -102,7 +101,7 @@ def main() -> None:
             for batch in sorted_batches:
                 encoder(**batch)
 
-    order = np.argsort(lengths, kind="stable")
+    order = np.argsort(lengths, kind="stable")  # by tokens, as the model actor sorts
     sorted_batches = [tokenize(tok, [prompts[j] for j in order[i:i + BATCH]], cfg.model.max_length)
                       for i in range(0, len(prompts), BATCH)]
 

@@ -74,6 +74,10 @@ def write_catalog(folder: Path, size: int, changed: float = 0.0, added: float = 
         new["title:token_seq"] = "new " + new["title:token_seq"]
         items = pd.concat([items, new], ignore_index=True)
     items.to_csv(folder / "synth.item", sep="\t", index=False)
+    same = folder.parent / "synth" / "synth.inter"  # every catalog of a size has the same interactions
+    if folder.name != "synth" and same.is_file():
+        os.link(same, folder / "synth.inter")
+        return
 
     events = rng.integers(EVENTS_PER_USER[0], EVENTS_PER_USER[1] + 1, size)
     users = np.repeat(np.arange(size), events)
@@ -81,10 +85,6 @@ def write_catalog(folder: Path, size: int, changed: float = 0.0, added: float = 
     item = rng.permutation(size)[rng.choice(size, len(users), p=popularity / popularity.sum())]
     order = np.arange(len(users)) - np.repeat(np.cumsum(events) - events, events)  # event index within the user
     inter = pd.DataFrame({"user_id:token": users, "item_id:token": item, "timestamp:float": 1_600_000_000 + order * 60})
-    same = folder.parent / "synth" / "synth.inter"  # every catalog of a size has the same interactions
-    if folder.name != "synth" and same.is_file():
-        os.link(same, folder / "synth.inter")
-        return
     inter["item_id:token"] = "i" + inter["item_id:token"].astype(str)
     inter.to_csv(folder / "synth.inter", sep="\t", index=False)
 
