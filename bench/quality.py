@@ -47,6 +47,7 @@ import torch
 
 from llmemb_dist import storage
 from llmemb_dist.config import Config, load_config
+from llmemb_dist.data import real
 from llmemb_dist.data.catalog import ITEM_ID
 from llmemb_dist.data.embeddings import vectors_of
 from llmemb_dist.stages.embed.actor import EmbedActor
@@ -65,15 +66,12 @@ BENCH = Path(__file__).resolve().parent
 CACHE = BENCH / ".cache"
 RESULTS = BENCH / "results"
 RUNS_FILE = CACHE / "quality_runs.json"  # whole --jobs runs: their wall time
-# Relative to the repository root (run from there): a published dataset is reused wherever the checkout lives.
-SHARED = "../shared/data"
-
 DATASETS = {
     "ml-100k": ["dataset.name=ml-100k", "dataset.format=recbole", "dataset.source=recbole:ml-100k"],
-    "amazon-toys": ["dataset.name=amazon-toys", "dataset.format=recbole", f"dataset.source={SHARED}/amazon-toys"],
-    "ml-latest-small": ["dataset.name=ml-latest-small", "dataset.format=movielens_csv",
-                        f"dataset.source={SHARED}/ml-latest-small"],
+    "amazon-toys": ["dataset.name=amazon-toys", "dataset.format=recbole"],
+    "ml-latest-small": ["dataset.name=ml-latest-small", "dataset.format=movielens_csv"],
 }
+SHIPPED = {"ml-100k"}  # in the recbole wheel; the others are found by llmemb_dist/data/real.py
 MODELS = {"minilm": ["model.path=minilm"], "smollm2": ["model.path=smollm2"], "mpnet": ["model.path=mpnet"]}
 # What 2 CPU cores give the 135M-parameter decoder, which embeds about 9 items/s and trains SCFT six
 # times slower than MiniLM: ml-100k only (its amazon-toys embedding alone takes 21 minutes) and 30 SCFT
@@ -683,6 +681,8 @@ def main() -> None:
     args.backbones = args.backbones or (["sasrec"] if quick else ["sasrec", "bert4rec", "gru4rec"])
     args.variants = args.variants or (["id", "llmemb", "llm_gate_text"] if quick else list(VARIANTS))
     args.seeds = args.seeds or ([1] if quick else [1, 2, 3])
+    for name in set(args.datasets) - SHIPPED:
+        DATASETS[name].append(f"dataset.source={real.dataset_or_exit(name)}")
     args.set += ["rat.cold.enabled=true"] if args.cold else []
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)

@@ -18,18 +18,19 @@ import numpy as np
 
 from llmemb_dist.distributed.cluster import init_ray
 from llmemb_dist.config import load_config
+from llmemb_dist.data import real
 from llmemb_dist.stages.prepare.driver import prepare
 from llmemb_dist.stages.rat.inputs import load_sequences
 from llmemb_dist.stages.rat.worker import train_variant
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-toys"
 SETUPS = [("1 worker x 2 CPUs", 1, 2.0), ("1 worker x 1 CPU", 1, 1.0), ("2 workers x 1 CPU", 2, 1.0)]
 
 
 def main() -> None:
     epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    data_dir = real.dataset_or_exit("amazon-toys")
     root = tempfile.mkdtemp(prefix="rat-bench-")
-    base = [f"root={root}", "dataset.name=amazon-toys", "dataset.format=recbole", f"dataset.source={DATA}",
+    base = [f"root={root}", "dataset.name=amazon-toys", "dataset.format=recbole", f"dataset.source={data_dir}",
             f"rat.epochs={epochs}", "rat.patience=1000", "ray.num_cpus=2"]
     cfg = load_config(None, base)
     prepare(cfg)

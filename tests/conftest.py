@@ -19,7 +19,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_TRACKING_URI", tempfile.mkdtemp(prefix="llmemb-test-mlruns-"))
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def real_dataset(name: str) -> Path:
+    """A real dataset's folder (llmemb_dist/data/real.py); the calling test skips, naming the setting, where
+    it is absent, and fails instead where $LLMEMB_REQUIRE_DATA says it must be there (CI)."""
+    from llmemb_dist.data import real
+
+    folder = real.real_dataset(name)
+    if folder is None:
+        (pytest.fail if real.required() else pytest.skip)(real.missing_reason(name))
+    return folder
 
 
 def free_port() -> int:

@@ -1,6 +1,6 @@
 """Offline checks of the KubeRay manifests that k8s/render.py makes from k8s/values.yaml.
 
-KubeRay objects validate against the CRD schemas in ../shared/schemas in strict mode
+KubeRay objects validate against the CRD schemas vendored in k8s/schemas in strict mode
 (unknown fields rejected, see that folder's README); native kinds with kubernetes-validate.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import yaml
 from conftest import REPO
 from llmemb_dist.config import load_config
 
-SCHEMAS = REPO.parent / "shared" / "schemas"
+SCHEMAS = REPO / "k8s" / "schemas"
 KUBERAY_SCHEMAS = {"RayJob": "rayjob.ray.io_v1.json", "RayCronJob": "raycronjob.ray.io_v1.json"}
 KUBERNETES_VERSION = "1.30"  # the oldest release these manifests support (CronJob timeZone is GA since 1.27)
 
