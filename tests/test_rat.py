@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from llmemb_dist import storage
 from llmemb_dist.config import load_config
@@ -15,7 +16,7 @@ from llmemb_dist.layout import dataset_uri, rat_result_uri
 from llmemb_dist.stages.prepare.driver import prepare
 from llmemb_dist.stages.rat.driver import rat
 from llmemb_dist.stages.rat.inputs import load_llm_table, load_sequences
-from llmemb_dist.stages.rat.trainer import evaluate_shared, fit
+from llmemb_dist.stages.rat.trainer import TrainingDiverged, evaluate_shared, fit
 from llmemb_dist.stages.rat.worker import train_variant
 from llmemb_dist.srs import build_model
 
@@ -121,13 +122,57 @@ def test_rat_end_to_end_on_s3(s3_root, ray_local):
             "report/head_tail.png", "report/valid_curve.png"} <= set(manifest["files"])
     metrics = json.loads(storage.read_bytes(storage.join(storage.data_uri(uri), "report/metrics.json")))
     main = f"sasrec-{cfg.rat.item_repr}"  # the default LLM item representation
-    assert set(metrics["variants"]) == {"sasrec-id", main}
+    # The references and the ID-only baseline with and without the text channel, beside the LLMEmb model.
+    names = {"most-popular", "text-only", "sasrec-id", "sasrec-id+text", main}
+    assert set(metrics["variants"]) == names
     rows = manifest["metrics"]  # the comparison table the pipeline prints
-    assert {(r["model"], r["protocol"]) for r in rows} == {(m, p) for m in ("sasrec-id", main) for p in ("sampled", "full")}
+    assert {(r["model"], r["protocol"]) for r in rows} == {(m, p) for m in names for p in ("sampled", "full")}
     assert all(0 <= r["tail NDCG@10"] <= 1 for r in rows)
+    assert metrics["variants"]["sasrec-id"]["text_weight"] == 0.0
+    comparison = manifest["comparison"]
+    valid = {n: metrics["variants"][n]["valid"]["full"]["overall"]["NDCG@10"] for n in names - {main}}
+    assert comparison["model"] == main and comparison["baseline"] == max(valid, key=valid.get)
+    overall = comparison["groups"]["overall"]
+    assert overall["model"] == pytest.approx(metrics["variants"][main]["test"]["full"]["overall"]["NDCG@10"])
+    assert overall["baseline"] == pytest.approx(metrics["variants"][comparison["baseline"]]["test"]["full"]["overall"]["NDCG@10"])
+    assert 0 < overall["p_value"] <= 1
     # The checkpointed, finished ID model is reused, not retrained.
     _, again = train_variant(cfg, data, "sasrec", "id")
     assert again["history"] == metrics["variants"]["sasrec-id"]["history"]
     assert rat(cfg) == uri and storage.read_manifest(uri) == manifest  # same config and inputs: nothing to do
     with pytest.raises(storage.AlreadyPublished, match="another config"):
         rat(dataclasses.replace(cfg, rat=dataclasses.replace(cfg.rat, alpha=0.5)))
+
+
+def test_a_diverged_model_stops_with_one_error_naming_the_epoch_and_the_model(ml100k):
+    cfg, data = ml100k
+    rcfg = load_config(None, [f"root={cfg.root}"] + FAST + ["rat.lr=1.0e+30", "rat.epochs=3"]).rat
+    model = build_model(rcfg, "sasrec", "id", data.num_items)
+    with pytest.raises(TrainingDiverged, match=r"^rat sasrec-id: the training loss is nan in epoch 1: "):
+        fit(model, data, rcfg, name="rat sasrec-id")
+
+
+def test_a_diverged_rat_run_is_one_clear_error_and_publishes_nothing(ray_local, tmp_path):
+    cfg = load_config(None, [f"root={tmp_path}", "rat.item_repr=id", "rat.lr=1.0e+30", "rat.epochs=2"] + FAST[:2])
+    prepare(cfg)
+    with pytest.raises(storage.DataError, match=r"^rat sasrec-id: the training loss is nan in epoch 1: "):
+        rat(cfg)
+    assert not storage.is_published(rat_result_uri(cfg))
+
+
+def test_id_only_with_the_text_channel_at_weight_0_is_id_only(ml100k, minilm_table):
+    cfg, data = ml100k
+    rcfg = load_config(None, [f"root={cfg.root}"] + FAST + ["rat.epochs=2", "rat.text_weights=[0,1,4,16]"]).rat
+    torch.manual_seed(0)
+    plain = build_model(rcfg, "sasrec", "id", data.num_items)
+    torch.manual_seed(0)
+    with_text = build_model(rcfg, "sasrec", "id", data.num_items, minilm_table)
+    assert plain.text is None and with_text.text is not None
+    alone, blended = fit(plain, data, rcfg), fit(with_text, data, rcfg)
+    assert alone.without_text is None
+    # Training never uses the channel, so the blended model scored at weight 0 is the ID-only model.
+    assert blended.without_text["test"] == alone.test and blended.without_text["valid"] == alone.valid
+    assert (blended.without_text["test_ranks"] == alone.test_ranks).all()
+    # Its weight is chosen on validation among the offered ones, 0 included.
+    assert blended.text_weight in rcfg.text_weights
+    assert blended.valid["full"]["overall"]["NDCG@10"] >= alone.valid["full"]["overall"]["NDCG@10"]

@@ -235,9 +235,11 @@ def test_the_text_channel_adds_the_weighted_cosine_to_the_last_items_text(backbo
     assert torch.equal(m.text[0], torch.zeros(CFG.hidden))  # padding
 
 
-def test_only_llm_item_representations_get_a_text_channel_and_only_when_a_weight_is_offered():
+def test_every_item_representation_given_llm_vectors_gets_a_text_channel_when_a_weight_is_offered():
+    """ID-only too: the blend is a post-hoc term any model can have, so the baseline gets it as well."""
     llm = llm_table(dim=CFG.hidden)
     assert build_model(CFG, "sasrec", "llm", NUM_ITEMS, llm).text is not None
-    assert build_model(CFG, "sasrec", "id", NUM_ITEMS, llm).text is None
+    assert build_model(CFG, "sasrec", "id", NUM_ITEMS, llm).text is not None
+    assert build_model(CFG, "sasrec", "id", NUM_ITEMS).text is None
     off = RatConfig(hidden=16, layers=2, heads=2, max_len=20, adapter_hidden=24, text_weights=[0.0])
     assert build_model(off, "sasrec", "llm_gate", NUM_ITEMS, llm).text is None

@@ -40,7 +40,8 @@ def run_training(
     Rerunning with the same `name` and `storage_uri` resumes: `ray.train.get_checkpoint()`
     then returns the latest checkpoint inside `train_fn`.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import (CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig,
+                           WorkerGroupError)
     from ray.train.torch import TorchConfig, TorchTrainer
 
     check_cluster_fits(num_workers, {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})})
@@ -65,7 +66,15 @@ def run_training(
         datasets=worker_datasets,
         dataset_config=DataConfig(datasets_to_split=[]),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except WorkerGroupError as e:
+        # A worker that found its input or its training unusable said so in one line: that line, not
+        # Ray Train's report of the failed worker group, is the run's error.
+        for failure in e.worker_failures.values():
+            if isinstance(failure, storage.DataError):
+                raise failure.with_traceback(None) from None
+        raise
 
 
 def _report_callback(on_report: Callable[[dict], None]):

@@ -14,11 +14,11 @@ from llmemb_dist.srs.sasrec import SASRec
 def build_model(cfg: RatConfig, backbone: str, item_repr: str, num_items: int, llm: np.ndarray | None = None,
                 popularity: np.ndarray | None = None) -> SeqRecommender:
     """`popularity` (training interactions per item index) is what popularity-aware item representations
-    start from; a model built to load a saved state does not need it. An LLM item representation gets the
-    text channel over `llm` unless `rat.text_weights` offers only 0."""
+    start from; a model built to load a saved state does not need it. Given `llm`, any item representation,
+    ID-only included, gets the text channel over it unless `rat.text_weights` offers only 0."""
     items = build_items(item_repr, num_items, cfg.hidden, cfg.adapter_hidden, llm, popularity, cfg.id_dropout)
     model = _backbone(cfg, backbone, items, num_items)
-    if item_repr != "id" and llm is not None and any(cfg.text_weights):
+    if llm is not None and any(cfg.text_weights):
         model.attach_text(llm)
     return model
 

@@ -15,12 +15,11 @@ from torch import nn
 from llmemb_dist.config import EvalConfig, RatConfig
 from llmemb_dist.data.cold import ColdSplit
 from llmemb_dist.srs import SeqRecommender
-from llmemb_dist.srs.base import unit_text_table
 from llmemb_dist.srs.placement import ItemPlacement
-from llmemb_dist.stages.rat.evaluate import EvalSplit, Scorer, head_items, metrics_from_ranks, ranks
+from llmemb_dist.stages.rat.evaluate import EvalSplit, Scorer, head_items, metrics_from_ranks, ranks, text_only_scorer
+from llmemb_dist.stages.rat.references import TEXT_ONLY
 
 COLD_GROUPS = ("overall", "warm", "warm head", "warm tail", "cold")
-TEXT_ONLY = "text-only"
 
 
 def untrained_vectors(count: int, hidden: int, num_items: int, seed: int) -> torch.Tensor:
@@ -69,10 +68,7 @@ def cold_start_metrics(model: SeqRecommender, cold_vectors: torch.Tensor, split:
 
 def text_only_metrics(llm: np.ndarray, split: ColdSplit, cfg: EvalConfig, max_len: int) -> dict[str, dict[str, float]]:
     """The text-only reference: `llm` holds row k - 1 for item k of `split.item_ids`."""
-    table = unit_text_table(llm)
-    # Inputs are left-padded, so the last column is each user's last item.
-    scorer = Scorer(lambda seqs: table[seqs[:, -1]], table)
-    rank = ranks(scorer, _test_split(split), np.arange(len(split.test_targets)), max_len, protocols=("full",))["full"]
+    rank = ranks(text_only_scorer(llm), _test_split(split), np.arange(len(split.test_targets)), max_len, protocols=("full",))["full"]
     return _grouped(split, rank, cfg)
 
 

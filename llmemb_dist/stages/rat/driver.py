@@ -7,6 +7,7 @@ there, and a variant that already finished is reused rather than retrained.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import tempfile
@@ -26,7 +27,9 @@ from llmemb_dist.srs.placement import NEW_ITEM_SCALE, ItemPlacement
 from llmemb_dist.stages.rat import report
 from llmemb_dist.stages.rat.calibrate import calibrated_placement
 from llmemb_dist.stages.rat.cold import cold_start_report
-from llmemb_dist.stages.rat.evaluate import check_negatives
+from llmemb_dist.stages.rat import significance
+from llmemb_dist.stages.rat.evaluate import EvalSplit, check_negatives, make_split
+from llmemb_dist.stages.rat.references import reference_results
 from llmemb_dist.stages.rat.inputs import catalog_text_hashes, load_cold_split, load_llm_table, load_sequences
 from llmemb_dist.stages.rat.worker import train_variant
 
@@ -56,9 +59,23 @@ def item_table(placement: ItemPlacement, item_ids: list[str], text_hashes: list[
     return embeddings_table(pa.array(item_ids, pa.string()), pa.array(text_hashes, pa.string()), vectors)
 
 
-def _summary(final: dict) -> dict:
-    return {"best_epoch": final["best_epoch"], "epochs": final["epoch"], "valid": final["valid"], "test": final["test"],
-            "history": final["history"], "text_weight": final.get("text_weight", 0.0)}
+def _summary(final: dict, scored: dict | None = None) -> dict:
+    """A trained model's report entry; `scored` (default `final`) holds the figures of the way it scores."""
+    scored = scored or final
+    return {"best_epoch": final["best_epoch"], "epochs": final["epoch"], "valid": scored["valid"], "test": scored["test"],
+            "history": final["history"], "text_weight": scored.get("text_weight", final.get("text_weight", 0.0))}
+
+
+def model_entries(name: str, final: dict, plain_name: bool) -> dict[str, tuple[dict, np.ndarray]]:
+    """{variant: (report entry, test ranks)} of one trained model. With a text channel, `plain_name` keeps
+    `name` for the model scored without it and names the text-channel one `<name>+text` (the ID-only
+    baseline); otherwise `name` is the model as it scores (the LLMEmb recommender)."""
+    ranks = final["test_ranks"].numpy()
+    plain = final.get("without_text")
+    if plain is None or not plain_name:
+        return {name: (_summary(final), ranks)}
+    return {name: (_summary(final, {**plain, "text_weight": 0.0}), plain["test_ranks"].numpy()),
+            f"{name}+text": (_summary(final), ranks)}
 
 
 def rat(cfg: Config) -> str:
@@ -97,24 +114,35 @@ def _train_and_publish(cfg: Config, inputs: dict[str, str], run: tracking.StageR
         llm_all = load_llm_table(emb_uri, split.item_ids if split else data.item_ids, rcfg.embedding_dim)
         llm = llm_all[: data.num_items]
     init_ray(cfg.ray, cfg.log.verbose)
-    # The collaborative SASRec is the ID-only baseline too: trained once, used twice.
-    baseline, baseline_final = train_variant(cfg, data, rcfg.backbone, "id", run=run)
+    valid_split, test_split = make_split(data, "valid", rcfg.eval), make_split(data, "test", rcfg.eval)
+    entries = {name: (result, result["test_ranks"])
+               for name, result in reference_results(data, llm, rcfg, valid_split, test_split).items()}
+    # The collaborative SASRec is the ID-only baseline too: trained once, used twice. Given the LLM table it
+    # has the text channel as well, weighed on validation like the LLMEmb model's: the baseline "+text".
+    baseline, baseline_final = train_variant(cfg, data, rcfg.backbone, "id", llm=llm, run=run)
     baseline_name = f"{rcfg.backbone}-id"
-    variants = {baseline_name: _summary(baseline_final)}
+    entries.update(model_entries(baseline_name, baseline_final, plain_name=True))
     model, main = baseline, baseline_name
     if uses_llm:
         collab = baseline if rcfg.backbone == "sasrec" else train_variant(cfg, data, "sasrec", "id", run=run)[0]
         srs = collab.items.table().detach().numpy()
         model, final = train_variant(cfg, data, rcfg.backbone, rcfg.item_repr, llm=llm, srs=srs, run=run)
         main = f"{rcfg.backbone}-{rcfg.item_repr}"
-        variants[main] = _summary(final)
+        entries.update(model_entries(main, final, plain_name=False))
+    variants = {name: {k: v for k, v in entry.items() if k != "test_ranks"} for name, (entry, _) in entries.items()}
     metrics = {"main": main, "baseline": baseline_name, "dropped_users": data.dropped_users,
                "users": len(data.seqs), "items": data.num_items, "variants": variants}
+    if main != baseline_name:
+        metrics["comparison"] = against_strongest(main, entries, test_split, rcfg.eval.select_protocol)
     hashes = catalog_text_hashes(cfg, data.item_ids)
     placement = item_placement(model, rcfg, data, hashes, llm, emb_uri)
     if split is not None:
-        metrics["cold_start"] = cold_start_report(rcfg, split, {baseline_name: (baseline, None), main: (model, placement)},
-                                                  llm_all)
+        id_only = copy.copy(baseline)  # the same weights, scored without the text channel
+        id_only.text_weight = 0.0
+        models = {baseline_name: (id_only, None), main: (model, placement)}
+        if baseline.text_weight:
+            models[f"{baseline_name}+text"] = (baseline, None)
+        metrics["cold_start"] = cold_start_report(rcfg, split, models, llm_all)
     run.log_final(metrics)
     model_config = {"backbone": rcfg.backbone, "item_repr": rcfg.item_repr, "num_items": data.num_items,
                     "hidden": rcfg.hidden, "layers": rcfg.layers, "heads": rcfg.heads, "max_len": rcfg.max_len,
@@ -136,19 +164,32 @@ def _train_and_publish(cfg: Config, inputs: dict[str, str], run: tracking.StageR
             report.write_report(metrics, Path(d))
             pub.upload_dir(d, "report")
         pub.info["metrics"] = comparison_rows(metrics)
+        pub.info["comparison"] = metrics.get("comparison")
         pub.info["embeddings_input"] = emb_uri
         run.publish(pub)
-    log.info("published %s\n%s", out_uri, report.comparison_markdown(comparison_rows(metrics)))
+    log.info("published %s\n%s\n\n%s", out_uri, report.comparison_markdown(comparison_rows(metrics)),
+             report.strongest_markdown(metrics.get("comparison")))
     if split is not None:
         log.info("cold start, test, full ranking:\n%s", report.cold_start_markdown(metrics["cold_start"]))
 
 
+def against_strongest(main: str, entries: dict[str, tuple[dict, np.ndarray]], test: EvalSplit, protocol: str) -> dict:
+    """The main model against the baseline with the best validation NDCG@10 under `protocol`: test ratios
+    and paired p-values per group, under full ranking."""
+    baselines = {name: entry["valid"] for name, (entry, _) in entries.items() if name != main}
+    strongest = significance.strongest(baselines, protocol)
+    return {"model": main, "baseline": strongest, "selected_by": f"validation NDCG@10, {protocol} ranking",
+            "groups": significance.compare(entries[main][1], entries[strongest][1], test.head)}
+
+
 def comparison_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """ID-only vs LLMEmb test results: overall/head/tail NDCG@10 and HR@10 per protocol."""
+    """Every model's and reference's test results: overall/head/tail NDCG@10 and HR@10 per protocol, with the
+    best epoch of trained ones."""
     rows = []
     for variant, summary in metrics["variants"].items():
         for protocol, groups in summary["test"].items():
-            row: dict[str, Any] = {"model": variant, "protocol": protocol}
+            row: dict[str, Any] = {"model": variant, "protocol": protocol,
+                                   "best epoch": f"{summary['best_epoch']} of {summary['epochs']}" if "best_epoch" in summary else "-"}
             for group in ("overall", "head", "tail"):
                 row[f"{group} NDCG@10"] = groups[group]["NDCG@10"]
                 row[f"{group} HR@10"] = groups[group]["HR@10"]

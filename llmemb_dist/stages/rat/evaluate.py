@@ -5,7 +5,7 @@ among `num_negatives` seeded items the user never touched; (b) full ranking over
 catalog minus the items already in the user's input. Groups: head vs tail target items
 (head = the most popular `head_fraction` by training interactions) and short vs long
 users (training length at most `short_user_max_len`). Ties count against the true
-item, so a constant scorer gets no credit.
+item, so a constant scorer gets no credit; a true item whose score is not finite ranks last.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 
 from llmemb_dist.config import EvalConfig
 from llmemb_dist.data.sequences import Sequences, pad_left
+from llmemb_dist.srs.base import unit_text_table
 from llmemb_dist.storage import DataError
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def ranks(scorer: Scorer, split: EvalSplit, users: np.ndarray, max_len: int, bat
             candidates = torch.cat([target[:, None], torch.as_tensor(split.negatives[batch])], dim=1)
             cand_scores = torch.bmm(scorer.items[candidates].float(), user_vectors[:, :, None]).squeeze(-1)
             cand_scores = cand_scores.masked_fill(candidates == 0, -torch.inf)  # padding fills short negative lists
-            out["sampled"][pick] = (cand_scores[:, 1:] >= cand_scores[:, :1]).sum(1).numpy()
+            out["sampled"][pick] = rank_against(cand_scores[:, :1].squeeze(1), cand_scores[:, 1:], split.negatives.shape[1])
         if "full" not in out:
             continue
         scores = user_vectors @ scorer.items.float().T
@@ -128,8 +129,15 @@ def ranks(scorer: Scorer, split: EvalSplit, users: np.ndarray, max_len: int, bat
         # Full ranking: padding, the user's input items and the true item itself leave the candidates.
         leave_out_seen(scores, [split.inputs[u] for u in batch])
         scores[rows, target] = -torch.inf
-        out["full"][pick] = (scores >= true[:, None]).sum(1).numpy()
+        out["full"][pick] = rank_against(true, scores, scorer.items.shape[0] - 1)
     return out
+
+
+def rank_against(true: torch.Tensor, others: torch.Tensor, worst: int) -> np.ndarray:
+    """0-based rank of each row's true score among `others` (ties against it). A true score that is not finite
+    ranks `worst`, last: a diverged model's NaN compares false with everything, which would rank it first."""
+    rank = (others >= true[:, None]).sum(1)
+    return torch.where(torch.isfinite(true), rank, worst).numpy()
 
 
 def metrics_from_ranks(rank: np.ndarray, ks: list[int]) -> dict[str, float]:
@@ -156,3 +164,10 @@ def evaluate(scorer: Scorer, split: EvalSplit, cfg: EvalConfig, max_len: int) ->
 def popularity_scorer(popularity: np.ndarray) -> Scorer:
     """The most-popular baseline: every user gets the items ranked by training popularity."""
     return Scorer(lambda seqs: torch.ones(len(seqs), 1), torch.as_tensor(popularity, dtype=torch.float32)[:, None])
+
+
+def text_only_scorer(llm: np.ndarray) -> Scorer:
+    """The text-only baseline: items ranked by the cosine of their LLM vectors (row k - 1 for item k) to the
+    user's last item's."""
+    table = unit_text_table(llm)
+    return Scorer(lambda seqs: table[seqs[:, -1]], table)  # inputs are left-padded: the last column is the last item

@@ -22,6 +22,24 @@ def comparison_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def strongest_markdown(comparison: dict[str, Any] | None) -> str:
+    """The main model against the strongest baseline (chosen on validation): test NDCG@10, full ranking."""
+    if not comparison:
+        return "(no baseline to compare with: the main model is the ID-only one)"
+    rows = []
+    for group, values in comparison["groups"].items():
+        ratio = values["ratio"]
+        rows.append({"group": group, comparison["model"]: values["model"], comparison["baseline"]: values["baseline"],
+                     "ratio": "-" if ratio is None else f"{ratio:.3f}x", "paired p": f"{values['p_value']:.4f}",
+                     "users": values["users"]})
+    head = (f"{comparison['model']} against the strongest baseline, {comparison['baseline']} (chosen by "
+            f"{comparison['selected_by']}); test NDCG@10, full ranking; p: paired sign-flip test over users\n\n")
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    for row in rows:
+        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+    return head + "\n".join(lines)
+
+
 def metrics_markdown(metrics: dict[str, Any]) -> str:
     """One table per protocol: every model and group, every metric, on the test split."""
     out = []
@@ -85,9 +103,14 @@ def plot_cold_start(cold_start: dict[str, dict[str, dict[str, float]]], path: Pa
 
 def plot_validation(metrics: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = []
     for variant, summary in metrics["variants"].items():
-        history = summary["history"]
-        ax.plot([h["epoch"] for h in history], [h["valid_ndcg10"] for h in history], marker=".", label=variant)
+        history = summary.get("history")
+        if not history or history in drawn:  # references train nothing; a model scored two ways trained once
+            continue
+        drawn.append(history)
+        checked = [h for h in history if "valid_ndcg10" in h]
+        ax.plot([h["epoch"] for h in checked], [h["valid_ndcg10"] for h in checked], marker=".", label=variant)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation NDCG@10")
     ax.set_title("validation NDCG@10 per epoch (early stopping watches it)")
@@ -105,8 +128,10 @@ def write_report(metrics: dict[str, Any], out_dir: Path) -> None:
         f"{metrics['users']} users ({metrics['dropped_users']} dropped with fewer than 3 events), {metrics['items']} items.\n",
     ]
     for variant, summary in metrics["variants"].items():
-        lines.append(f"- {variant}: best epoch {summary['best_epoch']} of {summary['epochs']}")
-    lines += ["", metrics_markdown(metrics), "![head and tail](head_tail.png)", "", "![validation](valid_curve.png)", ""]
+        if "best_epoch" in summary:
+            lines.append(f"- {variant}: best epoch {summary['best_epoch']} of {summary['epochs']}")
+    lines += ["", "## Against the strongest baseline\n", strongest_markdown(metrics.get("comparison")), "",
+              metrics_markdown(metrics), "![head and tail](head_tail.png)", "", "![validation](valid_curve.png)", ""]
     if "cold_start" in metrics:
         plot_cold_start(metrics["cold_start"], out_dir / "cold_start.png")
         lines += ["## Cold start: test, full ranking over warm and cold items\n",

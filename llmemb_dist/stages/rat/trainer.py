@@ -17,14 +17,19 @@ import torch
 
 from llmemb_dist.config import RatConfig
 from llmemb_dist.data.sequences import Sequences, bucketed_batches, pad_left, train_inputs
-from llmemb_dist.distributed.collective import data_parallel, gather_objects
+from llmemb_dist.distributed.collective import data_parallel, gather_objects, mean_over_workers
 from llmemb_dist.progress import Progress
 from llmemb_dist.srs import SeqRecommender
 from llmemb_dist.srs.losses import Objective
 from llmemb_dist.stages.rat.evaluate import PROTOCOLS, EvalSplit, Scorer, make_split, ranks, summarize
 from llmemb_dist.stages.rat.objective import RatModule
+from llmemb_dist.storage import DataError
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(DataError):
+    """The training loss stopped being a number: the run cannot be selected or published."""
 
 
 @dataclass
@@ -35,6 +40,10 @@ class FitResult:
     test: dict
     history: list[dict] = field(default_factory=list)
     text_weight: float = 0.0
+    # Each test user's full-ranking rank (0-based), for paired tests between models of one split.
+    test_ranks: np.ndarray | None = None
+    # With a text channel: the same best weights scored without it ({"valid", "test", "test_ranks"}).
+    without_text: dict | None = None
 
 
 def _gather_ranks(user_ranks: dict[str, np.ndarray], users: np.ndarray, total: int, world: int) -> dict[str, np.ndarray]:
@@ -46,14 +55,36 @@ def _gather_ranks(user_ranks: dict[str, np.ndarray], users: np.ndarray, total: i
     return out
 
 
-def evaluate_shared(model: SeqRecommender, split: EvalSplit, rcfg: RatConfig, rank: int, world: int,
-                    protocols: tuple[str, ...] = PROTOCOLS) -> dict:
+def shared_ranks(model: SeqRecommender, split: EvalSplit, rcfg: RatConfig, rank: int, world: int,
+                 protocols: tuple[str, ...] = PROTOCOLS) -> dict[str, np.ndarray]:
+    """Every user's rank per protocol; each worker ranks a share of the users."""
     model.eval()
     users = np.arange(len(split.targets))[rank::world]
     with torch.no_grad():
         table = model.item_vectors()  # once per evaluation, not per batch
         local = ranks(Scorer(model.user_vectors, table), split, users, rcfg.max_len, protocols=protocols)
-    return summarize(split, _gather_ranks(local, users, len(split.targets), world), rcfg.eval.ks)
+    return _gather_ranks(local, users, len(split.targets), world)
+
+
+def evaluate_shared(model: SeqRecommender, split: EvalSplit, rcfg: RatConfig, rank: int, world: int,
+                    protocols: tuple[str, ...] = PROTOCOLS) -> dict:
+    return summarize(split, shared_ranks(model, split, rcfg, rank, world, protocols), rcfg.eval.ks)
+
+
+def final_evaluation(model: SeqRecommender, valid: EvalSplit, test: EvalSplit, rcfg: RatConfig, rank: int,
+                     world: int) -> dict:
+    """{"valid", "test"} summaries under every protocol, and the test users' full-ranking ranks."""
+    test_ranks = shared_ranks(model, test, rcfg, rank, world)
+    return {"valid": evaluate_shared(model, valid, rcfg, rank, world), "test": summarize(test, test_ranks, rcfg.eval.ks),
+            "test_ranks": test_ranks["full"]}
+
+
+def check_epochs(rcfg: RatConfig, steps_per_epoch: int) -> int:
+    """Epochs between validation checks: those that make up `rat.eval_every_steps` optimizer steps (1 when 0),
+    so that patience, counted in checks, means the same amount of training on a small dataset as on a large one."""
+    if not rcfg.eval_every_steps:
+        return 1
+    return max(1, round(rcfg.eval_every_steps / max(1, steps_per_epoch)))
 
 
 def choose_text_weight(model: SeqRecommender, split: EvalSplit, rcfg: RatConfig, rank: int, world: int) -> float:
@@ -107,6 +138,8 @@ def fit(
     valid_split, test_split = make_split(data, "valid", rcfg.eval), make_split(data, "test", rcfg.eval)
     seqs = [s for s in train_inputs(data, rcfg.max_len) if len(s) >= 2]  # one input and one target at least
     lengths = np.array([len(s) for s in seqs])
+    steps_per_epoch = math.ceil(len(bucketed_batches(lengths, rcfg.batch_size, np.random.default_rng([rcfg.seed, 0]))) / world)
+    every = check_epochs(rcfg, steps_per_epoch)
     if state is None:
         state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [],
                  "best_state": copy.deepcopy(model.state_dict())}
@@ -132,26 +165,41 @@ def fit(
             optimizer.step()
             total += loss.item()
         train_s = time.perf_counter() - started
-        # Early stopping watches one protocol: ranking the whole catalog for the other would be wasted each epoch.
-        valid = evaluate_shared(model, valid_split, rcfg, rank, world, (rcfg.eval.select_protocol,))
-        score = valid[rcfg.eval.select_protocol]["overall"]["NDCG@10"]
-        if score > state["best_score"]:
-            state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0, best_state=copy.deepcopy(model.state_dict()))
-        else:
-            state["bad_epochs"] += 1
-        state["history"].append({
-            "epoch": epoch + 1, "loss": total / max(1, len(mine)), "train_seconds": train_s,
-            "valid_ndcg10": score, "valid_hr10": valid[rcfg.eval.select_protocol]["overall"]["HR@10"],
-        })
-        state.update(epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict(), valid=valid)
+        # One collective per epoch: every worker stops at the same epoch, whichever one diverged.
+        epoch_loss = mean_over_workers(torch.tensor(total / max(1, len(mine)), dtype=torch.float64), world)
+        if not math.isfinite(epoch_loss):
+            raise TrainingDiverged(f"{name}: the training loss is {epoch_loss} in epoch {epoch + 1}: the model "
+                                   "diverged (a lower rat.lr, or the embeddings' values, may be the cause); "
+                                   "nothing is published")
+        entry = {"epoch": epoch + 1, "loss": epoch_loss, "train_seconds": train_s}
+        checked = (epoch + 1) % every == 0 or epoch + 1 == rcfg.epochs
+        if checked:
+            # Early stopping watches one protocol: ranking the whole catalog for the other would be wasted.
+            valid = evaluate_shared(model, valid_split, rcfg, rank, world, (rcfg.eval.select_protocol,))
+            score = valid[rcfg.eval.select_protocol]["overall"]["NDCG@10"]
+            if score > state["best_score"]:
+                state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0,
+                             best_state=copy.deepcopy(model.state_dict()))
+            else:
+                state["bad_epochs"] += 1
+            entry.update(valid_ndcg10=score, valid_hr10=valid[rcfg.eval.select_protocol]["overall"]["HR@10"])
+            state["valid"] = valid
+        state["history"].append(entry)
+        state.update(epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict())
         if rank == 0:
-            progress.update(epoch + 1, f"loss {state['history'][-1]['loss']:.4f}, valid NDCG@10 {score:.4f} "
+            checked_note = (f", valid NDCG@10 {entry['valid_ndcg10']:.4f}" if checked else "")
+            progress.update(epoch + 1, f"loss {epoch_loss:.4f}{checked_note} "
                             f"(best {state['best_score']:.4f} at {state['best_epoch']})",
                             last=state["bad_epochs"] >= rcfg.patience)
         if on_epoch:
             on_epoch(state)
     model.load_state_dict(state["best_state"])
     text_weight = choose_text_weight(model, valid_split, rcfg, rank, world)
-    best_valid = evaluate_shared(model, valid_split, rcfg, rank, world)
-    test = evaluate_shared(model, test_split, rcfg, rank, world)
-    return FitResult(state["best_state"], state["best_epoch"], best_valid, test, state["history"], text_weight)
+    chosen = final_evaluation(model, valid_split, test_split, rcfg, rank, world)
+    without_text = None
+    if model.text is not None:
+        model.text_weight = 0.0
+        without_text = final_evaluation(model, valid_split, test_split, rcfg, rank, world)
+        model.text_weight = text_weight
+    return FitResult(state["best_state"], state["best_epoch"], chosen["valid"], chosen["test"], state["history"],
+                     text_weight, chosen["test_ranks"], without_text)

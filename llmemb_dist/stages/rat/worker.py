@@ -55,7 +55,10 @@ def train_worker(config: dict) -> None:
     result = fit(model, data, rcfg, srs=config["srs"], state=state, on_epoch=report_state,
                  rank=rank, world=worker.world, name=f"rat {config['variant']}")
     final = {"done": True, "epoch": len(result.history), "best_state": result.best_state, "best_epoch": result.best_epoch,
-             "valid": result.valid, "test": result.test, "history": result.history, "text_weight": result.text_weight}
+             "valid": result.valid, "test": result.test, "history": result.history, "text_weight": result.text_weight,
+             "test_ranks": torch.from_numpy(result.test_ranks)}
+    if result.without_text is not None:
+        final["without_text"] = {**result.without_text, "test_ranks": torch.from_numpy(result.without_text["test_ranks"])}
     report_state(final, {"epoch": final["epoch"], "done": True})
 
 
