@@ -19,6 +19,7 @@ import torch
 
 from llmemb_dist.config import EvalConfig
 from llmemb_dist.data.sequences import Sequences, pad_left
+from llmemb_dist.progress import Progress
 from llmemb_dist.srs.base import unit_text_table
 from llmemb_dist.storage import DataError
 
@@ -110,7 +111,9 @@ def ranks(scorer: Scorer, split: EvalSplit, users: np.ndarray, max_len: int, bat
     out = {p: np.zeros(len(users), dtype=np.int64) for p in protocols}
     # Similar lengths together: each batch is padded only to its longest input.
     order = np.argsort([len(split.inputs[u]) for u in users], kind="stable")
+    progress = Progress(log, f"evaluate {split.name}", len(order), unit="users", quiet_start=True)
     for start in range(0, len(order), batch_size):
+        progress.update(start)
         pick = order[start: start + batch_size]
         batch = users[pick]
         seqs = torch.as_tensor(pad_left([split.inputs[u] for u in batch], max_len))

@@ -158,12 +158,15 @@ def fit(
         generator = torch.Generator().manual_seed(rcfg.seed * 1_000_003 + epoch * 101 + rank)
         objective.train()
         total = 0.0
+        steps = Progress(log, f"{name} epoch {epoch + 1} step", len(mine), quiet_start=True)
         for step, batch in enumerate(mine, 1):
             loss = trainable(torch.as_tensor(pad_left([seqs[i] for i in batch], rcfg.max_len + 1)), generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item()
+            if rank == 0:
+                steps.update(step, f"loss {total / step:.4f}")
         train_s = time.perf_counter() - started
         # One collective per epoch: every worker stops at the same epoch, whichever one diverged.
         epoch_loss = mean_over_workers(torch.tensor(total / max(1, len(mine)), dtype=torch.float64), world)
