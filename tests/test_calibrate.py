@@ -1,13 +1,15 @@
 """The new-item scale: items that play new fill the top-10 slots they filled trained, and the placement
 applies the scale to new items only."""
 import numpy as np
+import pytest
 import torch
 
 from llmemb_dist.config import RatConfig
-from llmemb_dist.data.sequences import Sequences
+from llmemb_dist.data.sequences import Sequences, pad_left
 from llmemb_dist.srs import build_model
 from llmemb_dist.srs.placement import NEW_ITEM_SCALE, ItemPlacement
 from llmemb_dist.stages.rat.calibrate import new_item_scale, shown, validation_scores
+from llmemb_dist.stages.rat.evaluate import leave_out_seen
 
 NUM_ITEMS, HIDDEN = 60, 16
 CFG = RatConfig(hidden=HIDDEN, layers=1, heads=1, dropout=0.0, max_len=10, adapter_hidden=24)
@@ -34,19 +36,50 @@ def test_items_that_are_their_text_side_need_no_scale():
     assert new_item_scale(model, placement, data, llm, CFG.max_len, 1.0, seed=1) == 1.0
 
 
-def test_the_scale_gives_pseudo_new_items_the_slots_they_had_trained():
+def pseudo_new(placement, llm):
+    """The pseudo-new items new_item_scale draws with seed 1, and their text sides."""
+    items = np.sort(np.random.default_rng(1).choice(np.arange(1, NUM_ITEMS + 1), replace=False, size=NUM_ITEMS // 10))
+    with torch.no_grad():
+        text = placement.items.with_llm(torch.from_numpy(llm[items - 1]), torch.zeros(len(items), dtype=torch.long))
+    return items, text.float()
+
+
+@pytest.mark.parametrize("text_weight", [0.0, 4.0])
+def test_the_scale_gives_pseudo_new_items_the_slots_they_had_trained(text_weight):
     model, placement, data, llm = setup("llm_gate")
+    model.text_weight = text_weight
     scale = new_item_scale(model, placement, data, llm, CFG.max_len, 1.0, seed=1)
     assert scale > 1.0
     # The same pseudo-new items the function drew, checked by hand at the scale and just below it.
-    items = np.sort(np.random.default_rng(1).choice(np.arange(1, NUM_ITEMS + 1), replace=False, size=NUM_ITEMS // 10))
-    text = placement.items.with_llm(torch.from_numpy(llm[items - 1]), torch.zeros(len(items), dtype=torch.long))
+    items, text = pseudo_new(placement, llm)
     with torch.no_grad():
-        best, trained, text_scores = validation_scores(model, model.items.table().float(), data, items, text.float(),
-                                                       CFG.max_len, k=10)
-    target = shown(best, trained, 10)
-    assert shown(best, scale * text_scores, 10) >= target > shown(best, (scale - 0.01) * text_scores, 10)
+        scores = validation_scores(model, model.items.table().float(), data, items, text, CFG.max_len, k=10)
+    target = shown(scores.best, scores.trained, 10)
+    assert shown(scores.best, scores.placed_as_new(scale), 10) >= target > shown(scores.best, scores.placed_as_new(scale - 0.01), 10)
     assert new_item_scale(model, placement, data, llm, CFG.max_len, 0.0, seed=1) == 1.0  # exposure 0: unscaled
+
+
+def test_new_items_are_scored_with_the_text_channel_as_the_model_serves_them():
+    """Placed as new, an item scores what the model gives a table whose row is its scaled text side, the text
+    channel (which the scale leaves alone) included."""
+    model, placement, data, llm = setup("llm_gate")
+    model.text_weight = 4.0
+    items, text = pseudo_new(placement, llm)
+    inputs, _ = data.split("valid")
+    with torch.no_grad():
+        scores = validation_scores(model, model.items.table().float(), data, items, text, CFG.max_len, k=10)
+        for scale in (1.0, 2.5):
+            table = model.items.table().float().clone()
+            table[torch.as_tensor(items)] = scale * text
+            full = model.user_vectors(torch.as_tensor(pad_left(inputs, CFG.max_len))) @ model.item_vectors(table).T
+            leave_out_seen(full, inputs)
+            expected = full[:, torch.as_tensor(items)].topk(6, dim=1).values
+            assert torch.allclose(scores.placed_as_new(scale), expected, atol=1e-5)
+            assert torch.allclose(scores.placed_as_new(scale, batch_size=7), expected, atol=1e-5)
+        # Without the channel the scores would be others: the channel is in them.
+        model.text_weight = 0.0
+        plain = validation_scores(model, model.items.table().float(), data, items, text, CFG.max_len, k=10)
+        assert not torch.allclose(plain.placed_as_new(1.0), scores.placed_as_new(1.0), atol=1e-3)
 
 
 def test_the_placement_scales_new_items_only():
@@ -57,14 +90,3 @@ def test_the_placement_scales_new_items_only():
     placement.spec[NEW_ITEM_SCALE] = 1.5
     after = placement.vectors(ids, ["", "", "", "", ""], raw)
     assert np.array_equal(after[:3], before[:3]) and np.allclose(after[3:], 1.5 * before[3:], atol=1e-6)
-
-
-def test_k_scores_per_user_decide_the_slots_at_every_scale():
-    """validation_scores keeps each user's k best pseudo-new scores, not all of them (users x items would not
-    fit in memory at catalog scale): the slots counted must be the same at any scale."""
-    g = torch.Generator().manual_seed(0)
-    best = torch.randn(50, 10, generator=g)
-    scores = torch.randn(50, 40, generator=g)
-    scores[scores < -1.5] = -torch.inf  # the user's own inputs, left out
-    for scale in (0.5, 1.0, 1.7, 3.0):
-        assert shown(best, scale * scores, 10) == shown(best, scale * scores.topk(10, dim=1).values, 10)

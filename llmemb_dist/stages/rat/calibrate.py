@@ -8,8 +8,12 @@ trained items (drawn like new items, whose popularity is not known yet) plays ne
 scaled, and the scale chosen is the one at which those items fill as many top-k slots as they do with
 the vectors they trained (times `rat.new_item_exposure`). New items are then recommended about as often as
 trained items of their kind; for `llm`, whose items are their text side, the scale is 1.
+Every score is the model's as it serves: with its text channel on, a new item is its scaled text side plus
+its text, and the channel's part, which the scale leaves alone, is in the calibration too.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,29 +29,63 @@ MAX_SCALE = 4.0
 STEPS = 12  # bisection steps: the scale to within (MAX_SCALE - 1) / 2**12
 
 
+@dataclass
+class ValidationScores:
+    """Per validation user (their inputs left out, as in full ranking), as the model scores with its text
+    channel: the k best scores among the items not in `items`, the k best of `items` with their trained
+    vectors, and what `items` score placed as new at a scale (`placed_as_new`)."""
+
+    best: torch.Tensor
+    trained: torch.Tensor
+    users: torch.Tensor  # the users' vectors, the text channel's columns last
+    text_side: torch.Tensor  # (len(items), hidden), what the scale multiplies
+    text: torch.Tensor  # (len(items), text columns): the channel's, which the scale leaves alone
+    seen: list[torch.Tensor]  # per user, the columns of `items` among their inputs
+    k: int
+
+    def placed_as_new(self, scale: float, batch_size: int = 512) -> torch.Tensor:
+        """Each user's k best scores of `items` placed as new with their text side scaled by `scale`.
+
+        The channel's part of a score does not scale, so the order among `items` changes with the scale and
+        the k best are found again for each: memory grows with a batch of users times `items`, not with
+        all users."""
+        hidden, out = self.text_side.shape[1], []
+        for start in range(0, len(self.users), batch_size):
+            users = self.users[start: start + batch_size]
+            scores = scale * (users[:, :hidden] @ self.text_side.T)
+            if self.text.shape[1]:
+                scores += users[:, hidden:] @ self.text.T
+            for row, seen in enumerate(self.seen[start: start + batch_size]):
+                scores[row, seen] = -torch.inf
+            out.append(scores.topk(min(self.k, scores.shape[1]), dim=1).values)
+        return torch.cat(out)
+
+
 @torch.no_grad()
 def validation_scores(model: SeqRecommender, table: torch.Tensor, data: Sequences, items: np.ndarray,
-                      text_side: torch.Tensor, max_len: int, k: int, batch_size: int = 512):
-    """Per validation user: the k best scores among the items not in `items` (their inputs left out, as in
-    full ranking), and the k best of `items` with their trained vectors and with their text side alone.
-
-    Only k of each can reach a top-k list, and scaling the text side keeps the order among `items`, so k
-    scores per user decide every scale: memory grows with the users, not with users x items."""
+                      text_side: torch.Tensor, max_len: int, k: int, batch_size: int = 512) -> ValidationScores:
+    """What `new_item_scale` weighs, for the validation users; `items` are sorted item indices."""
     inputs, _ = data.split("valid")
     chosen = torch.zeros(len(table), dtype=torch.bool)
     chosen[torch.as_tensor(items)] = True
-    best, trained, text = [], [], []
+    column = torch.full((len(table),), -1, dtype=torch.long)
+    column[torch.as_tensor(items)] = torch.arange(len(items))
+    vectors = model.item_vectors(table).float()
+    text = vectors[torch.as_tensor(items), table.shape[1]:]  # empty without the channel
+    best, trained, users_all, seen = [], [], [], []
     kept = min(k, len(items))  # per user, of `items`
     for start in range(0, len(inputs), batch_size):
         batch = inputs[start: start + batch_size]
-        users = model.user_repr(torch.as_tensor(pad_left(batch, max_len))).float()
-        scores = users @ table.T
+        users = model.user_vectors(torch.as_tensor(pad_left(batch, max_len))).float()
+        scores = users @ vectors.T
         leave_out_seen(scores, batch)
-        picked = scores[:, chosen]
-        trained.append(picked.topk(kept, dim=1).values)
-        text.append(torch.where(torch.isinf(picked), picked, users @ text_side.T).topk(kept, dim=1).values)
+        trained.append(scores[:, chosen].topk(kept, dim=1).values)
         best.append(scores.masked_fill(chosen, -torch.inf).topk(k, dim=1).values)
-    return torch.cat(best), torch.cat(trained), torch.cat(text)
+        users_all.append(users)
+        for inp in batch:
+            cols = column[torch.as_tensor(inp, dtype=torch.long)]
+            seen.append(cols[cols >= 0])
+    return ValidationScores(torch.cat(best), torch.cat(trained), torch.cat(users_all), text_side, text, seen, k)
 
 
 def shown(best: torch.Tensor, scores: torch.Tensor, k: int) -> int:
@@ -58,22 +96,22 @@ def shown(best: torch.Tensor, scores: torch.Tensor, k: int) -> int:
 @torch.no_grad()
 def new_item_scale(model: SeqRecommender, placement: ItemPlacement, data: Sequences, llm: np.ndarray, max_len: int,
                    exposure: float, seed: int, k: int = 10) -> float:
-    """The scale of a new item's text side (see the module's docstring); `llm` row k - 1 is item k's raw vector."""
+    """The scale of a new item's text side (see the module's docstring); `llm` row k - 1 is item k's raw vector.
+    Scores are the model's as it serves, its text channel at its chosen weight included."""
     model.eval()
     rng = np.random.default_rng(seed)
     pseudo_new = np.sort(rng.choice(np.arange(1, data.num_items + 1), replace=False,
                                     size=max(1, int(PSEUDO_NEW_FRACTION * data.num_items))))
     text_side = placement.items.with_llm(torch.as_tensor(llm[pseudo_new - 1], dtype=torch.float32),
                                          torch.zeros(len(pseudo_new), dtype=torch.long)).float()
-    best, trained, text = validation_scores(model, model.items.table().detach().float(), data, pseudo_new,
-                                            text_side, max_len, k)
-    target = exposure * shown(best, trained, k)
-    if shown(best, text, k) >= target:
+    scores = validation_scores(model, model.items.table().detach().float(), data, pseudo_new, text_side, max_len, k)
+    target = exposure * shown(scores.best, scores.trained, k)
+    if shown(scores.best, scores.placed_as_new(1.0), k) >= target:
         return 1.0
     low, high = 1.0, MAX_SCALE
     for _ in range(STEPS):
         middle = (low + high) / 2
-        low, high = (middle, high) if shown(best, middle * text, k) < target else (low, middle)
+        low, high = (middle, high) if shown(scores.best, scores.placed_as_new(middle), k) < target else (low, middle)
     return high
 
 
