@@ -171,6 +171,37 @@ def test_pca_is_fitted_stored_and_reused_incrementally(ray_local, minilm_dir, tm
     np.testing.assert_array_equal(vectors_of(same)[[order[i] for i in full[ITEM_ID].to_pylist()]], x)
 
 
+def test_pca_reduced_in_the_cluster_equals_an_exact_svd(ray_local, tmp_path):
+    """Moments of 23 files (more than one round of the tree of tasks) add up to the PCA of the whole table."""
+    from llmemb_dist.data.embeddings import embeddings_table
+    from llmemb_dist.stages.embed.dataflow import REDUCE_FAN_IN, fit_pca, moments_in_tree
+    from llmemb_dist.stages.embed.pca import block_moments
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(460, 12)) * np.linspace(3, 0.5, 12) + 2.0).astype(np.float32)
+    files = []
+    for k, rows in enumerate(np.array_split(np.arange(len(x)), 23)):
+        name = f"part-{k:03d}.parquet"
+        pq.write_table(embeddings_table(pa.array([f"i{r}" for r in rows]), pa.array(["h"] * len(rows)), x[rows]),
+                       tmp_path / name)
+        files.append({"file": name})
+    pca = fit_pca(str(tmp_path), files, 4)
+    centred = x.astype(np.float64) - x.astype(np.float64).mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    np.testing.assert_allclose(pca["mean"], x.mean(0), atol=1e-5)
+    for got, want in zip(pca["components"], vt[:4]):  # each direction up to its sign
+        np.testing.assert_allclose(got * np.sign(got @ want), want, atol=1e-4)
+    # The tree: 23 blocks' moments, two rounds of tasks, the same sums as one pass over all rows.
+    blocks = [block_moments(embeddings_table(pa.array(["i"] * len(r)), pa.array(["h"] * len(r)), x[r]))
+              for r in np.array_split(np.arange(len(x)), 23)]
+    assert len(blocks) > REDUCE_FAN_IN
+    (tree,) = moments_in_tree([ray_local.put(b) for b in blocks]).to_pylist()
+    (whole,) = block_moments(embeddings_table(pa.array(["i"] * len(x)), pa.array(["h"] * len(x)), x)).to_pylist()
+    assert tree["n"] == whole["n"] == len(x)
+    np.testing.assert_allclose(np.frombuffer(tree["gram"]), np.frombuffer(whole["gram"]), rtol=1e-9)
+    np.testing.assert_allclose(np.frombuffer(tree["sum"]), np.frombuffer(whole["sum"]), rtol=1e-9)
+
+
 # ---------------------------------------------------------------- bad input: a clear error, nothing published
 
 

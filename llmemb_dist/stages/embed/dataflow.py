@@ -7,6 +7,8 @@ import logging
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
+
 from llmemb_dist import storage
 from llmemb_dist.blockio import read, read_not_carried, uris
 from llmemb_dist.config import Config
@@ -57,7 +59,23 @@ def embedded(cfg: Config, plan: Plan, adapter: tuple[str, dict] | None, txn: str
     )
 
 
+REDUCE_FAN_IN = 8  # blocks' moments one task adds up: at d = 4096, 8 x 128 MiB in a task's memory
+
+
 def fit_pca(folder: str, files: list[dict], dim: int) -> dict:
-    moments = read(uris(folder, files)).map_batches(embed_pca.block_moments, batch_format="pyarrow").take_all()
-    log.info("fitting PCA to %d dimensions on %d items", dim, sum(m["n"] for m in moments))
+    """The PCA of the vectors in `files`: each block's moments stay in the object store and are added up in
+    a tree of tasks, so the driver receives one d x d matrix, not one per block."""
+    parts = read(uris(folder, files)).map_batches(embed_pca.block_moments, batch_format="pyarrow").to_arrow_refs()
+    (moments,) = moments_in_tree(parts).to_pylist()
+    log.info("fitting PCA to %d dimensions on %d items", dim, moments["n"])
     return embed_pca.fit(moments, dim)
+
+
+def moments_in_tree(parts: list) -> pa.Table:
+    """The sum of the moments tables behind the object refs `parts`, added by tasks REDUCE_FAN_IN at a time."""
+    import ray
+
+    add = ray.remote(embed_pca.add_moments)
+    while len(parts) > REDUCE_FAN_IN:
+        parts = [add.remote(*parts[i: i + REDUCE_FAN_IN]) for i in range(0, len(parts), REDUCE_FAN_IN)]
+    return ray.get(add.remote(*parts))

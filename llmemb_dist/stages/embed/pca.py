@@ -1,7 +1,8 @@
 """PCA of catalog embeddings, fitted in one streaming pass and stored with the embeddings version.
 
-Each block contributes its row count, column sums and Gram matrix (d x d, float64); the driver
-adds them up, so the fit never holds the catalog's vectors in one place.
+Each block contributes its row count, column sums and Gram matrix (d x d, float64); the cluster adds
+them up in a tree (`add_moments`), so neither the fit nor the driver holds more than one block's worth:
+the driver receives one d x d matrix, whatever the number of blocks.
 """
 from __future__ import annotations
 
@@ -21,12 +22,21 @@ def block_moments(batch: pa.Table) -> pa.Table:
     return pa.table({"n": [len(x)], "sum": [x.sum(0).tobytes()], "gram": [(x.T @ x).tobytes()]})
 
 
-def fit(moments: list[dict], dim: int) -> dict[str, np.ndarray]:
-    """Mean and the top `dim` principal directions (rows), from the summed block moments."""
-    n = sum(m["n"] for m in moments)
-    total = sum(np.frombuffer(m["sum"]) for m in moments)
+def add_moments(*tables: pa.Table) -> pa.Table:
+    """The moments of every row of `tables` (rows of `block_moments`), summed into one row."""
+    rows = [row for table in tables for row in table.to_pylist()]
+    total = sum(np.frombuffer(r["sum"]) for r in rows)
+    gram = sum(np.frombuffer(r["gram"]) for r in rows)
+    return pa.table({"n": [sum(r["n"] for r in rows)], "sum": [total.tobytes()], "gram": [gram.tobytes()]})
+
+
+def fit(moments: dict, dim: int) -> dict[str, np.ndarray]:
+    """Mean and the top `dim` principal directions (rows), from the catalog's summed moments (one row of
+    `add_moments`)."""
+    n = moments["n"]
+    total = np.frombuffer(moments["sum"])
     d = len(total)
-    gram = sum(np.frombuffer(m["gram"]).reshape(d, d) for m in moments)
+    gram = np.frombuffer(moments["gram"]).reshape(d, d)
     mean = total / n
     cov = gram / n - np.outer(mean, mean)
     _, vecs = np.linalg.eigh(cov)  # ascending eigenvalues
