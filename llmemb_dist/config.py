@@ -250,6 +250,10 @@ class RatConfig:
         "ce", help="bce: the reference's, one sampled negative per target; ce: softmax over the whole catalog; "
                    "sampled_softmax: shared in-batch + uniform negatives with the log-Q correction (srs/losses.py)")
     num_negatives: int = bounded(256, low=1, help="uniform negatives a batch shares (sampled_softmax)")
+    ce_max_logits_gib: float = bounded(
+        4.0, low=0.0, low_open=True, added=True,
+        help="ce only: the most memory one step's logits (batch x max_len x catalog, float32) may take; a "
+             "catalog that needs more is refused before training, naming sampled_softmax, which fits any catalog")
     alpha: float = bounded(
         0.01, low=0.0, help="weight of the alignment loss toward the collaborative SASRec; 0 = none")
     align_temperature: float = bounded(2.0, low=0.0, low_open=True, help="temperature of the alignment loss")
@@ -305,6 +309,13 @@ class IndexConfig:
                                 "is checked against exact search: the recall@10 the manifest records")
     num_threads: int = bounded(0, low=0, help="CPU threads that build the index; 0 = all cores")
     seed: int = option(0, help="seeds the recall sample and the ivf training sample")
+    replace: bool = option(False, help="publish over index.version when it was built from other inputs or "
+                           "parameters (a serving app watching it reloads); false: such a version is refused")
+    serve_host: str = option("127.0.0.1", help="launch/serve.py: the address its HTTP endpoint listens on")
+    serve_port: int = bounded(8000, low=1, high=65535, help="launch/serve.py: the port of its HTTP endpoint")
+    serve_watch_s: float = bounded(10.0, low=0.0, low_open=True,
+                                   help="launch/serve.py: seconds between two looks at the index manifest for a "
+                                   "newly published version")
 
     def __post_init__(self) -> None:
         if self.nprobe > self.nlist:

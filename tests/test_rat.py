@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmemb_dist import storage
-from llmemb_dist.config import load_config
+from llmemb_dist.config import ConfigError, load_config
 from llmemb_dist.stages.rat.evaluate import evaluate, make_split, popularity_scorer
 from llmemb_dist.data.embeddings import vectors_of
 from llmemb_dist.stages.embed.actor import EmbedActor
@@ -16,6 +16,7 @@ from llmemb_dist.layout import dataset_uri, rat_result_uri
 from llmemb_dist.stages.prepare.driver import prepare
 from llmemb_dist.stages.rat.driver import rat
 from llmemb_dist.stages.rat.inputs import load_llm_table, load_sequences
+from llmemb_dist.stages.rat.objective import check_objective_fits
 from llmemb_dist.stages.rat.trainer import TrainingDiverged, evaluate_shared, fit
 from llmemb_dist.stages.rat.worker import train_variant
 from llmemb_dist.srs import build_model
@@ -176,3 +177,16 @@ def test_id_only_with_the_text_channel_at_weight_0_is_id_only(ml100k, minilm_tab
     # Its weight is chosen on validation among the offered ones, 0 included.
     assert blended.text_weight in rcfg.text_weights
     assert blended.valid["full"]["overall"]["NDCG@10"] >= alone.valid["full"]["overall"]["NDCG@10"]
+
+
+def test_ce_over_a_catalog_too_large_for_its_logits_is_refused_before_training(ml100k):
+    cfg, data = ml100k
+    bounded = load_config(None, [f"root={cfg.root}", "rat.run=ce-bound", "rat.item_repr=id",
+                                 "rat.ce_max_logits_gib=0.01"] + FAST)
+    # 128 sequences x 30 positions x 1683 rows x 4 bytes = 0.024 GiB
+    with pytest.raises(ConfigError, match=r"rat.loss=ce over 1682 items would hold 0.02 GiB of logits a step .* "
+                                          r"rat.ce_max_logits_gib=0.01: use rat.loss=sampled_softmax"):
+        rat(bounded)
+    assert not storage.is_published(rat_result_uri(bounded))
+    check_objective_fits(dataclasses.replace(bounded.rat, loss="sampled_softmax"), data.num_items)
+    check_objective_fits(dataclasses.replace(bounded.rat, ce_max_logits_gib=0.03), data.num_items)

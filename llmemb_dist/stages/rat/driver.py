@@ -24,13 +24,13 @@ from llmemb_dist.data.embeddings import embeddings_table
 from llmemb_dist.data.sequences import Sequences
 from llmemb_dist.srs import SeqRecommender
 from llmemb_dist.srs.placement import NEW_ITEM_SCALE, ItemPlacement
-from llmemb_dist.stages.rat import report
+from llmemb_dist.stages.rat import report, significance
 from llmemb_dist.stages.rat.calibrate import calibrated_placement
 from llmemb_dist.stages.rat.cold import cold_start_report
-from llmemb_dist.stages.rat import significance
 from llmemb_dist.stages.rat.evaluate import EvalSplit, check_negatives, make_split
-from llmemb_dist.stages.rat.references import reference_results
 from llmemb_dist.stages.rat.inputs import catalog_text_hashes, load_cold_split, load_llm_table, load_sequences
+from llmemb_dist.stages.rat.objective import check_objective_fits
+from llmemb_dist.stages.rat.references import reference_results
 from llmemb_dist.stages.rat.worker import train_variant
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ def _train_and_publish(cfg: Config, inputs: dict[str, str], run: tracking.StageR
         data = split.warm
     log.info("%d users (%d dropped with < 3 events), %d items", len(data.seqs), data.dropped_users, data.num_items)
     check_negatives(data, rcfg.eval)  # before Ray starts
+    check_objective_fits(rcfg, data.num_items)
     llm = llm_all = None
     if uses_llm:
         llm_all = load_llm_table(emb_uri, split.item_ids if split else data.item_ids, rcfg.embedding_dim)

@@ -5,8 +5,23 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmemb_dist.config import ConfigError, RatConfig
 from llmemb_dist.srs import SeqRecommender
 from llmemb_dist.srs.losses import Objective, alignment_loss
+
+GIB = 1 << 30
+
+
+def check_objective_fits(rcfg: RatConfig, num_items: int) -> None:
+    """The full softmax holds a logit per position and item: refused where one step's would pass the bound."""
+    if rcfg.loss != "ce":
+        return
+    need = rcfg.batch_size * rcfg.max_len * (num_items + 1) * 4
+    if need > rcfg.ce_max_logits_gib * GIB:
+        raise ConfigError(
+            f"rat.loss=ce over {num_items} items would hold {need / GIB:.2f} GiB of logits a step (rat.batch_size "
+            f"{rcfg.batch_size} x rat.max_len {rcfg.max_len} x items, float32), more than rat.ce_max_logits_gib="
+            f"{rcfg.ce_max_logits_gib:g}: use rat.loss=sampled_softmax, which fits any catalog, or a smaller batch")
 
 
 class RatModule(nn.Module):
