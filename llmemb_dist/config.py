@@ -194,6 +194,10 @@ class EvalConfig:
     select_protocol: Literal["sampled", "full"] = option(
         "full", help="which validation NDCG@10 early stopping watches: full ranking, the protocol a deployed "
                      "recommender lives by")
+    valid_users: int = bounded(
+        0, low=0, added=True,
+        help="validation (early stopping, the text weight, the reported validation figures) on a sample of this "
+             "many validation users, seeded by rat.eval.seed; 0 = every user. Test always ranks every user.")
 
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1:

@@ -10,7 +10,7 @@ from llmemb_dist.config import EvalConfig
 from llmemb_dist.data.sequences import build_sequences
 from llmemb_dist.storage import DataError
 from llmemb_dist.stages.rat.evaluate import (Scorer, evaluate, head_items, make_split, metrics_from_ranks, popularity_scorer,
-                                           ranks, text_only_scorer)
+                                           ranks, sample_users, text_only_scorer)
 
 
 def test_metrics_on_known_ranks():
@@ -130,3 +130,34 @@ def test_most_popular_ranks_by_training_counts_and_text_only_by_cosine_to_the_la
     seen = set(split.inputs[u].tolist())
     assert text[u] == sum(cos[i - 1] >= cos[split.targets[u] - 1] for i in range(1, 31)
                           if i not in seen and i != split.targets[u])
+
+
+def test_full_ranking_counted_in_item_chunks_equals_one_pass_over_the_catalog(monkeypatch):
+    from llmemb_dist.stages.rat import evaluate as module
+
+    data = small_data()
+    split = make_split(data, "test", EvalConfig(num_negatives=5))
+    g = torch.Generator().manual_seed(0)
+    items = torch.randn(31, 4, generator=g)
+    scorer = Scorer(lambda seqs: torch.randn(len(seqs), 4, generator=torch.Generator().manual_seed(1)), items)
+    whole = ranks(scorer, split, np.arange(4), max_len=10, protocols=("full",))["full"]
+    users = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    for u in range(4):  # by hand: every item but padding, the inputs and the target that scores at least as high
+        scores = (items @ users[u]).tolist()
+        true = scores[split.targets[u]]
+        rivals = set(range(1, 31)) - set(split.inputs[u].tolist()) - {int(split.targets[u])}
+        assert whole[u] == sum(scores[i] >= true for i in rivals)
+    for chunk in (1, 7, 30, 31):
+        monkeypatch.setattr(module, "ITEM_CHUNK", chunk)
+        assert (ranks(scorer, split, np.arange(4), max_len=10, protocols=("full",))["full"] == whole).all()
+
+
+def test_a_seeded_sample_of_validation_users():
+    data = small_data()
+    split = make_split(data, "valid", EvalConfig(num_negatives=5))
+    assert sample_users(split, 0, 1) is split and sample_users(split, 4, 1) is split
+    two = sample_users(split, 2, seed=1)
+    assert len(two.targets) == 2 and sample_users(split, 2, seed=1).targets.tolist() == two.targets.tolist()
+    kept = [u for u in range(4) if split.targets[u] in two.targets]
+    assert [s.tolist() for s in two.inputs] == [split.inputs[u].tolist() for u in kept]
+    assert (two.negatives == split.negatives[kept]).all() and (two.head == split.head[kept]).all()

@@ -190,3 +190,11 @@ def test_ce_over_a_catalog_too_large_for_its_logits_is_refused_before_training(m
     assert not storage.is_published(rat_result_uri(bounded))
     check_objective_fits(dataclasses.replace(bounded.rat, loss="sampled_softmax"), data.num_items)
     check_objective_fits(dataclasses.replace(bounded.rat, ce_max_logits_gib=0.03), data.num_items)
+
+
+def test_validation_on_a_sample_of_users_and_test_on_every_user(ml100k):
+    cfg, data = ml100k
+    rcfg = load_config(None, [f"root={cfg.root}"] + FAST + ["rat.epochs=1", "rat.eval.valid_users=100"]).rat
+    result = fit(build_model(rcfg, "sasrec", "id", data.num_items), data, rcfg)
+    assert all(result.valid[p]["overall"]["users"] == 100 for p in ("sampled", "full"))
+    assert result.test["full"]["overall"]["users"] == len(data.seqs) == len(result.test_ranks)

@@ -27,7 +27,7 @@ from llmemb_dist.srs.placement import NEW_ITEM_SCALE, ItemPlacement
 from llmemb_dist.stages.rat import report, significance
 from llmemb_dist.stages.rat.calibrate import calibrated_placement
 from llmemb_dist.stages.rat.cold import cold_start_report
-from llmemb_dist.stages.rat.evaluate import EvalSplit, check_negatives, make_split
+from llmemb_dist.stages.rat.evaluate import EvalSplit, check_negatives, make_split, sample_users
 from llmemb_dist.stages.rat.inputs import catalog_text_hashes, load_cold_split, load_llm_table, load_sequences
 from llmemb_dist.stages.rat.objective import check_objective_fits
 from llmemb_dist.stages.rat.references import reference_results
@@ -115,7 +115,8 @@ def _train_and_publish(cfg: Config, inputs: dict[str, str], run: tracking.StageR
         llm_all = load_llm_table(emb_uri, split.item_ids if split else data.item_ids, rcfg.embedding_dim)
         llm = llm_all[: data.num_items]
     init_ray(cfg.ray, cfg.log.verbose)
-    valid_split, test_split = make_split(data, "valid", rcfg.eval), make_split(data, "test", rcfg.eval)
+    valid_split = sample_users(make_split(data, "valid", rcfg.eval), rcfg.eval.valid_users, rcfg.eval.seed)
+    test_split = make_split(data, "test", rcfg.eval)
     entries = {name: (result, result["test_ranks"])
                for name, result in reference_results(data, llm, rcfg, valid_split, test_split).items()}
     # The collaborative SASRec is the ID-only baseline too: trained once, used twice. Given the LLM table it

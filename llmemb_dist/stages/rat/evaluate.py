@@ -97,11 +97,42 @@ def make_split(data: Sequences, name: str, cfg: EvalConfig) -> EvalSplit:
     )
 
 
-def leave_out_seen(scores: torch.Tensor, inputs: list[np.ndarray]) -> None:
-    """Full ranking's candidates, in place: padding and each user's input items score -inf."""
-    scores[:, 0] = -torch.inf
+ITEM_CHUNK = 1 << 16  # items full ranking scores at a time: a batch holds batch x ITEM_CHUNK scores, any catalog
+
+
+def leave_out_seen(scores: torch.Tensor, inputs: list[np.ndarray], offset: int = 0) -> None:
+    """Full ranking's candidates, in place: padding and each user's input items score -inf. `scores` holds
+    the items from index `offset` on (a chunk of the catalog)."""
+    if offset == 0:
+        scores[:, 0] = -torch.inf
+    end = offset + scores.shape[1]
     for i, seen in enumerate(inputs):
-        scores[i, torch.tensor(seen, dtype=torch.long)] = -torch.inf  # a copy: Ray hands read-only arrays
+        seen = torch.tensor(seen, dtype=torch.long)  # a copy: Ray hands read-only arrays
+        scores[i, seen[(seen >= offset) & (seen < end)] - offset] = -torch.inf
+
+
+def full_ranks(users: torch.Tensor, true: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
+               inputs: list[np.ndarray]) -> np.ndarray:
+    """Each user's rank of `true` among every item but padding, their inputs and the target, counted chunk by
+    chunk of ITEM_CHUNK items: never a users x catalog matrix."""
+    above = torch.zeros(len(users), dtype=torch.long)
+    rows = torch.arange(len(users))
+    for offset in range(0, len(items), ITEM_CHUNK):
+        scores = users @ items[offset: offset + ITEM_CHUNK].float().T
+        leave_out_seen(scores, inputs, offset)
+        inside = (target >= offset) & (target < offset + scores.shape[1])
+        scores[rows[inside], target[inside] - offset] = -torch.inf
+        above += (scores >= true[:, None]).sum(1)
+    return torch.where(torch.isfinite(true), above, len(items) - 1).numpy()
+
+
+def sample_users(split: EvalSplit, count: int, seed: int) -> EvalSplit:
+    """A seeded sample of `count` of the split's users (all of them when count is 0 or covers them)."""
+    if not count or count >= len(split.targets):
+        return split
+    users = np.sort(np.random.default_rng([seed, 2]).choice(len(split.targets), size=count, replace=False))
+    return EvalSplit(split.name, [split.inputs[u] for u in users], split.targets[users], split.negatives[users],
+                     split.head[users], split.short[users])
 
 
 @torch.no_grad()
@@ -126,13 +157,8 @@ def ranks(scorer: Scorer, split: EvalSplit, users: np.ndarray, max_len: int, bat
             out["sampled"][pick] = rank_against(cand_scores[:, :1].squeeze(1), cand_scores[:, 1:], split.negatives.shape[1])
         if "full" not in out:
             continue
-        scores = user_vectors @ scorer.items.float().T
-        rows = torch.arange(len(batch))
-        true = scores[rows, target]
-        # Full ranking: padding, the user's input items and the true item itself leave the candidates.
-        leave_out_seen(scores, [split.inputs[u] for u in batch])
-        scores[rows, target] = -torch.inf
-        out["full"][pick] = rank_against(true, scores, scorer.items.shape[0] - 1)
+        true = (user_vectors * scorer.items[target].float()).sum(1)
+        out["full"][pick] = full_ranks(user_vectors, true, scorer.items, target, [split.inputs[u] for u in batch])
     return out
 
 

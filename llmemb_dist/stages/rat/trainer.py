@@ -21,7 +21,7 @@ from llmemb_dist.distributed.collective import data_parallel, gather_objects, me
 from llmemb_dist.progress import Progress
 from llmemb_dist.srs import SeqRecommender
 from llmemb_dist.srs.losses import Objective
-from llmemb_dist.stages.rat.evaluate import PROTOCOLS, EvalSplit, Scorer, make_split, ranks, summarize
+from llmemb_dist.stages.rat.evaluate import PROTOCOLS, EvalSplit, Scorer, make_split, ranks, sample_users, summarize
 from llmemb_dist.stages.rat.objective import RatModule
 from llmemb_dist.storage import DataError
 
@@ -135,7 +135,8 @@ def fit(
     # The fused kernel: the same update as the default per-tensor loop, which costs a large share of a CPU
     # step over this many small tensors (bench/rat_bench.py keeps the epoch times).
     optimizer = torch.optim.Adam(model.parameters(), lr=rcfg.lr, fused=True)
-    valid_split, test_split = make_split(data, "valid", rcfg.eval), make_split(data, "test", rcfg.eval)
+    valid_split = sample_users(make_split(data, "valid", rcfg.eval), rcfg.eval.valid_users, rcfg.eval.seed)
+    test_split = make_split(data, "test", rcfg.eval)
     seqs = [s for s in train_inputs(data, rcfg.max_len) if len(s) >= 2]  # one input and one target at least
     lengths = np.array([len(s) for s in seqs])
     steps_per_epoch = math.ceil(len(bucketed_batches(lengths, rcfg.batch_size, np.random.default_rng([rcfg.seed, 0]))) / world)
