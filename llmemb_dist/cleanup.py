@@ -1,8 +1,8 @@
 """Debris: the transaction folders that crashed jobs and losers of publish races leave under the root.
 
 Readers never see them (only a manifest makes a folder visible), so they cost storage, not
-correctness; this lists them and, with `cleanup.remove=true`, deletes them. What a manifest names is
-never touched, nor a folder begun less than `cleanup.grace_hours` ago.
+correctness; this lists them and, with `cleanup.remove=true`, deletes them. What a manifest or a
+`_LATEST` pointer names is never touched, nor a folder begun less than `cleanup.grace_hours` ago.
 """
 from __future__ import annotations
 

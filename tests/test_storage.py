@@ -1,8 +1,12 @@
+import datetime as dt
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -100,6 +104,7 @@ def test_second_publisher_is_refused_and_first_stays(root):
         second.__exit__(None, None, None)
     assert storage.read_manifest(uri)["config_hash"] == "1"
     assert storage.read_table(uri, "items").num_rows == 3
+    assert storage.read_latest(uri) == storage.read_manifest(uri)["data_dir"]  # the loser never moves the pointer
     with pytest.raises(AlreadyPublished):
         _publish(uri, _table())
 
@@ -160,8 +165,6 @@ def test_wrong_credentials_are_a_clear_error(authenticating_s3, monkeypatch):
 
 
 def test_cleanup_removes_only_old_unreferenced_transactions(root):
-    import datetime as dt
-
     from llmemb_dist.cleanup import cleanup
     from llmemb_dist.config import load_config
 
@@ -228,3 +231,92 @@ def test_a_failed_publication_shows_nothing_at_stable_paths(root):
     with pytest.raises(RuntimeError):
         _publish(uri, _table(), fail=True)
     assert not storage.exists(storage.join(uri, "items"))
+
+
+def _latest_items(uri: str) -> pa.Table:
+    """What a manifest-less reader that resolves the pointer reads: the whole folder of one table."""
+    fs, path = storage.resolve(storage.join(storage.latest_data_uri(uri), "items"))
+    return pq.read_table(path, filesystem=fs).sort_by("item_id")
+
+
+def test_the_pointer_names_a_version_until_the_next_one_is_committed(root):
+    uri = storage.join(root, "pub")
+    _publish(uri, _table(4))
+    a = storage.read_manifest(uri)["data_dir"]
+    assert storage.read_latest(uri) == a and _latest_items(uri).equals(_table(4).sort_by("item_id"))
+    b = storage.publish(uri, kind="test", config={"a": 2}, config_hash="h2", overwrite=True)
+    pub = b.__enter__()
+    pub.write_table("items", _table(8), num_shards=2)
+    # B is written but not committed: a reader through the pointer still reads A, whole.
+    assert storage.read_latest(uri) == a and _latest_items(uri).equals(_table(4).sort_by("item_id"))
+    b.__exit__(None, None, None)
+    assert storage.read_latest(uri) == pub.data_dir == storage.read_manifest(uri)["data_dir"]
+    assert _latest_items(uri).equals(_table(8).sort_by("item_id"))
+    assert not storage.exists(storage.join(uri, a))
+
+
+def test_a_reader_polling_the_pointer_finds_it_whole_and_naming_committed_versions(root):
+    uri = storage.join(root, "pub")
+    _publish(uri, _table(2))
+    committed, seen, done = [storage.read_manifest(uri)["data_dir"]], [], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            seen.append(storage.read_latest(uri))  # a half-written pointer is a DataError here
+
+    with ThreadPoolExecutor(1) as pool:
+        reader = pool.submit(poll)
+        try:
+            for n in (3, 4, 5):
+                _publish(uri, _table(n), overwrite=True)
+                committed.append(storage.read_manifest(uri)["data_dir"])
+        finally:
+            done.set()
+        reader.result()
+    order = [committed.index(d) for d in seen]  # ValueError for a folder that was never committed
+    assert order and order == sorted(order)  # never back to an older version
+
+
+def test_an_open_pointer_is_never_rewritten_under_its_reader(tmp_path):
+    """On a local disk the pointer is replaced by a rename, never written over in place."""
+    uri = str(tmp_path / "pub")
+    _publish(uri, _table(2))
+    a = storage.read_latest(uri)
+    with open(storage.resolve(storage.join(uri, storage.LATEST))[1], "rb") as f:
+        _publish(uri, _table(3), overwrite=True)
+        assert json.loads(f.read())["data_dir"] == a != storage.read_latest(uri)
+
+
+def test_a_publication_without_pointer_resolves_through_its_manifest(root):
+    uri = storage.join(root, "pub")
+    _publish(uri, _table(3))
+    fs, path = storage.resolve(storage.join(uri, storage.LATEST))
+    fs.delete_file(path)  # as a publication committed before pointers existed
+    assert storage.read_latest(uri) is None and storage.latest_data_uri(uri) == storage.data_uri(uri)
+    with pytest.raises(NotPublished):
+        storage.latest_data_uri(storage.join(root, "never"))
+
+
+@pytest.mark.parametrize("body, error", [(b'{"format": "llmemb-dist/1", "data_dir"', "not valid JSON"),
+                                         (b'{"format": "other", "data_dir": "x"}', "not a publication pointer"),
+                                         (b'{"format": "llmemb-dist/1", "data_dir": "../elsewhere"}', "not a transaction folder")])
+def test_a_bad_pointer_is_a_data_error_naming_it(tmp_path, body, error):
+    uri = str(tmp_path / "pub")
+    _publish(uri, _table(3))
+    storage.write_bytes(storage.join(uri, storage.LATEST), body)
+    with pytest.raises(DataError, match=f"_LATEST: .*{error}"):
+        storage.latest_data_uri(uri)
+
+
+def test_cleanup_keeps_the_folder_the_pointer_names(root):
+    """A job that died between its manifest and its pointer: the pointer still names the version before."""
+    uri = storage.join(root, "pub")
+    _publish(uri, _table(4))
+    before = "data-20200101T000000-deadbeef"
+    storage.write_shards(_table(2), storage.join(uri, before, "items"), 1)
+    storage.write_bytes(storage.join(uri, storage.LATEST), json.dumps({"format": storage.MANIFEST_FORMAT, "data_dir": before}).encode())
+    assert storage.unreferenced_transactions(root, dt.timedelta(hours=24)) == []
+    assert _latest_items(uri).num_rows == 2
+    _publish(uri, _table(5), overwrite=True)  # the next commit moves the pointer on: the folder is debris now
+    assert [u.rsplit("/", 1)[-1] for u in storage.unreferenced_transactions(root, dt.timedelta(hours=24))] == [before]
+    assert _latest_items(uri).num_rows == 5
