@@ -59,7 +59,7 @@ from llmemb_dist.stages.rat.calibrate import calibrated_placement
 from llmemb_dist.stages.rat.cold import COLD_GROUPS, cold_start_report
 from llmemb_dist.stages.rat.references import TEXT_ONLY
 from llmemb_dist.stages.rat.inputs import load_cold_split, load_sequences
-from llmemb_dist.stages.rat.trainer import fit
+from llmemb_dist.stages.rat.trainer import TrainState, fit
 from llmemb_dist.srs import build_model
 from procstat import MACHINE, commit
 
@@ -197,10 +197,10 @@ def train_cell(cfg: Config, data, backbone: str, variant: str, llm: np.ndarray |
     started = time.perf_counter()
     cut = []
 
-    def stop_when_over_budget(state: dict) -> None:
-        if budget_s and time.perf_counter() - started > budget_s and state["bad_epochs"] < cfg.rat.patience:
-            cut.append(state["epoch"])
-            state["bad_epochs"] = cfg.rat.patience  # fit's loop ends as if patience ran out
+    def stop_when_over_budget(state: TrainState) -> None:
+        if budget_s and time.perf_counter() - started > budget_s and state.bad_epochs < cfg.rat.patience:
+            cut.append(state.epoch)
+            state.bad_epochs = cfg.rat.patience  # fit's loop ends as if patience ran out
 
     result = fit(model, data, cfg.rat, srs=srs if item_repr != "id" else None, on_epoch=stop_when_over_budget)
     summary = {"cut_by_time_budget": bool(cut), "test": result.test, "valid": result.valid, "best_epoch": result.best_epoch, "epochs": len(result.history),

@@ -45,7 +45,7 @@ def main() -> None:
                                             f"rat.cpus_per_worker={cpus}"])
         _, final = train_variant(run_cfg, data, "sasrec", "llm", llm=llm, srs=srs)
         # The first epoch includes one-off warm-up; the median of the rest is the steady epoch time.
-        times = [h["train_seconds"] for h in final["history"]]
+        times = [h["train_seconds"] for h in final.history]
         steady = statistics.median(times[1:] if len(times) > 1 else times)
         results.append({"setup": label, "workers": workers, "cpus_per_worker": cpus, "epoch_seconds": times,
                         "steady_epoch_seconds": steady})

@@ -86,7 +86,7 @@ def test_rat_reads_its_checkpoints_and_a_payload_planted_in_them_never_runs(tmp_
         plant(folder, marker)
     # The same run again: Ray Train hands the worker the latest checkpoint, finished, which is reused as it is.
     model, again = train_variant(cfg, data, "sasrec", "id")
-    assert again["history"] == first["history"] and again["best_epoch"] == first["best_epoch"]
+    assert again.history == first.history and again.best_epoch == first.best_epoch
     assert not marker.exists()
 
 

@@ -139,7 +139,7 @@ def test_rat_end_to_end_on_s3(s3_root, ray_local):
     assert 0 < overall["p_value"] <= 1
     # The checkpointed, finished ID model is reused, not retrained.
     _, again = train_variant(cfg, data, "sasrec", "id")
-    assert again["history"] == metrics["variants"]["sasrec-id"]["history"]
+    assert again.history == metrics["variants"]["sasrec-id"]["history"]
     assert rat(cfg) == uri and storage.read_manifest(uri) == manifest  # same config and inputs: nothing to do
     with pytest.raises(storage.AlreadyPublished, match="another config"):
         rat(dataclasses.replace(cfg, rat=dataclasses.replace(cfg.rat, alpha=0.5)))

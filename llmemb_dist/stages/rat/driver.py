@@ -31,6 +31,7 @@ from llmemb_dist.stages.rat.evaluate import EvalSplit, check_negatives, make_spl
 from llmemb_dist.stages.rat.inputs import catalog_text_hashes, load_cold_split, load_llm_table, load_sequences
 from llmemb_dist.stages.rat.objective import check_objective_fits
 from llmemb_dist.stages.rat.references import reference_results
+from llmemb_dist.stages.rat.trainer import FitResult
 from llmemb_dist.stages.rat.worker import train_variant
 
 log = logging.getLogger(__name__)
@@ -59,23 +60,23 @@ def item_table(placement: ItemPlacement, item_ids: list[str], text_hashes: list[
     return embeddings_table(pa.array(item_ids, pa.string()), pa.array(text_hashes, pa.string()), vectors)
 
 
-def _summary(final: dict, scored: dict | None = None) -> dict:
-    """A trained model's report entry; `scored` (default `final`) holds the figures of the way it scores."""
-    scored = scored or final
-    return {"best_epoch": final["best_epoch"], "epochs": final["epoch"], "valid": scored["valid"], "test": scored["test"],
-            "history": final["history"], "text_weight": scored.get("text_weight", final.get("text_weight", 0.0))}
+def _summary(result: FitResult, scored: dict | None = None) -> dict:
+    """A trained model's report entry; `scored` ({"valid", "test", "text_weight"}) holds the figures of another
+    way to score the same weights."""
+    scored = scored or {"valid": result.valid, "test": result.test, "text_weight": result.text_weight}
+    return {"best_epoch": result.best_epoch, "epochs": result.epochs, "valid": scored["valid"], "test": scored["test"],
+            "history": result.history, "text_weight": scored["text_weight"]}
 
 
-def model_entries(name: str, final: dict, plain_name: bool) -> dict[str, tuple[dict, np.ndarray]]:
+def model_entries(name: str, result: FitResult, plain_name: bool) -> dict[str, tuple[dict, np.ndarray]]:
     """{variant: (report entry, test ranks)} of one trained model. With a text channel, `plain_name` keeps
     `name` for the model scored without it and names the text-channel one `<name>+text` (the ID-only
     baseline); otherwise `name` is the model as it scores (the LLMEmb recommender)."""
-    ranks = final["test_ranks"].numpy()
-    plain = final.get("without_text")
+    plain = result.without_text
     if plain is None or not plain_name:
-        return {name: (_summary(final), ranks)}
-    return {name: (_summary(final, {**plain, "text_weight": 0.0}), plain["test_ranks"].numpy()),
-            f"{name}+text": (_summary(final), ranks)}
+        return {name: (_summary(result), result.test_ranks)}
+    return {name: (_summary(result, {**plain, "text_weight": 0.0}), plain["test_ranks"]),
+            f"{name}+text": (_summary(result), result.test_ranks)}
 
 
 def rat(cfg: Config) -> str:
@@ -121,16 +122,16 @@ def _train_and_publish(cfg: Config, inputs: dict[str, str], run: tracking.StageR
                for name, result in reference_results(data, llm, rcfg, valid_split, test_split).items()}
     # The collaborative SASRec is the ID-only baseline too: trained once, used twice. Given the LLM table it
     # has the text channel as well, weighed on validation like the LLMEmb model's: the baseline "+text".
-    baseline, baseline_final = train_variant(cfg, data, rcfg.backbone, "id", llm=llm, run=run)
+    baseline, baseline_result = train_variant(cfg, data, rcfg.backbone, "id", llm=llm, run=run)
     baseline_name = f"{rcfg.backbone}-id"
-    entries.update(model_entries(baseline_name, baseline_final, plain_name=True))
+    entries.update(model_entries(baseline_name, baseline_result, plain_name=True))
     model, main = baseline, baseline_name
     if uses_llm:
         collab = baseline if rcfg.backbone == "sasrec" else train_variant(cfg, data, "sasrec", "id", run=run)[0]
         srs = collab.items.table().detach().numpy()
-        model, final = train_variant(cfg, data, rcfg.backbone, rcfg.item_repr, llm=llm, srs=srs, run=run)
+        model, result = train_variant(cfg, data, rcfg.backbone, rcfg.item_repr, llm=llm, srs=srs, run=run)
         main = f"{rcfg.backbone}-{rcfg.item_repr}"
-        entries.update(model_entries(main, final, plain_name=False))
+        entries.update(model_entries(main, result, plain_name=False))
     variants = {name: {k: v for k, v in entry.items() if k != "test_ranks"} for name, (entry, _) in entries.items()}
     metrics = {"main": main, "baseline": baseline_name, "dropped_users": data.dropped_users,
                "users": len(data.seqs), "items": data.num_items, "variants": variants}

@@ -33,7 +33,24 @@ class TrainingDiverged(DataError):
 
 
 @dataclass
+class TrainState:
+    """Where a RAT run is, all it needs to resume: the epoch, early stopping's counters, the best weights so
+    far, and the model's and optimizer's state after the last epoch."""
+
+    epoch: int = 0
+    best_score: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    model: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict = field(default_factory=dict)
+
+
+@dataclass
 class FitResult:
+    """A finished run: the best weights, their figures, and how the run went."""
+
     best_state: dict[str, torch.Tensor]
     best_epoch: int
     valid: dict
@@ -44,6 +61,10 @@ class FitResult:
     test_ranks: np.ndarray | None = None
     # With a text channel: the same best weights scored without it ({"valid", "test", "test_ranks"}).
     without_text: dict | None = None
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history)
 
 
 def _gather_ranks(user_ranks: dict[str, np.ndarray], users: np.ndarray, total: int, world: int) -> dict[str, np.ndarray]:
@@ -111,8 +132,8 @@ def fit(
     rcfg: RatConfig,
     *,
     srs: np.ndarray | None = None,
-    state: dict | None = None,
-    on_epoch: Callable[[dict], None] | None = None,
+    state: TrainState | None = None,
+    on_epoch: Callable[[TrainState], None] | None = None,
     rank: int = 0,
     world: int = 1,
     name: str = "rat",
@@ -142,15 +163,14 @@ def fit(
     steps_per_epoch = math.ceil(len(bucketed_batches(lengths, rcfg.batch_size, np.random.default_rng([rcfg.seed, 0]))) / world)
     every = check_epochs(rcfg, steps_per_epoch)
     if state is None:
-        state = {"epoch": 0, "best_score": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [],
-                 "best_state": copy.deepcopy(model.state_dict())}
+        state = TrainState(best_state=copy.deepcopy(model.state_dict()))
     else:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
     # Its pace includes each epoch's validation; early stopping may end the run before the last epoch.
-    progress = Progress(log, f"{name} epoch", rcfg.epochs, start=state["epoch"], at_most=True)
-    while state["epoch"] < rcfg.epochs and state["bad_epochs"] < rcfg.patience:
-        epoch = state["epoch"]
+    progress = Progress(log, f"{name} epoch", rcfg.epochs, start=state.epoch, at_most=True)
+    while state.epoch < rcfg.epochs and state.bad_epochs < rcfg.patience:
+        epoch = state.epoch
         started = time.perf_counter()
         # The data order comes from (seed, epoch), so a resumed run continues exactly where it stopped.
         batches = bucketed_batches(lengths, rcfg.batch_size, np.random.default_rng([rcfg.seed, epoch]))
@@ -159,7 +179,7 @@ def fit(
         generator = torch.Generator().manual_seed(rcfg.seed * 1_000_003 + epoch * 101 + rank)
         objective.train()
         total = 0.0
-        steps = Progress(log, f"{name} epoch {epoch + 1} step", len(mine), quiet_start=True)
+        step_progress = Progress(log, f"{name} epoch {epoch + 1} step", len(mine), quiet_start=True)
         for step, batch in enumerate(mine, 1):
             loss = trainable(torch.as_tensor(pad_left([seqs[i] for i in batch], rcfg.max_len + 1)), generator)
             optimizer.zero_grad(set_to_none=True)
@@ -167,7 +187,7 @@ def fit(
             optimizer.step()
             total += loss.item()
             if rank == 0:
-                steps.update(step, f"loss {total / step:.4f}")
+                step_progress.update(step, f"loss {total / step:.4f}")
         train_s = time.perf_counter() - started
         # One collective per epoch: every worker stops at the same epoch, whichever one diverged.
         epoch_loss = mean_over_workers(torch.tensor(total / max(1, len(mine)), dtype=torch.float64), world)
@@ -181,23 +201,22 @@ def fit(
             # Early stopping watches one protocol: ranking the whole catalog for the other would be wasted.
             valid = evaluate_shared(model, valid_split, rcfg, rank, world, (rcfg.eval.select_protocol,))
             score = valid[rcfg.eval.select_protocol]["overall"]["NDCG@10"]
-            if score > state["best_score"]:
-                state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0,
-                             best_state=copy.deepcopy(model.state_dict()))
+            if score > state.best_score:
+                state.best_score, state.best_epoch, state.bad_epochs = score, epoch + 1, 0
+                state.best_state = copy.deepcopy(model.state_dict())
             else:
-                state["bad_epochs"] += 1
+                state.bad_epochs += 1
             entry.update(valid_ndcg10=score, valid_hr10=valid[rcfg.eval.select_protocol]["overall"]["HR@10"])
-            state["valid"] = valid
-        state["history"].append(entry)
-        state.update(epoch=epoch + 1, model=model.state_dict(), optimizer=optimizer.state_dict())
+        state.history.append(entry)
+        state.epoch, state.model, state.optimizer = epoch + 1, model.state_dict(), optimizer.state_dict()
         if rank == 0:
             checked_note = (f", valid NDCG@10 {entry['valid_ndcg10']:.4f}" if checked else "")
             progress.update(epoch + 1, f"loss {epoch_loss:.4f}{checked_note} "
-                            f"(best {state['best_score']:.4f} at {state['best_epoch']})",
-                            last=state["bad_epochs"] >= rcfg.patience)
+                            f"(best {state.best_score:.4f} at {state.best_epoch})",
+                            last=state.bad_epochs >= rcfg.patience)
         if on_epoch:
             on_epoch(state)
-    model.load_state_dict(state["best_state"])
+    model.load_state_dict(state.best_state)
     text_weight = choose_text_weight(model, valid_split, rcfg, rank, world)
     chosen = final_evaluation(model, valid_split, test_split, rcfg, rank, world)
     without_text = None
@@ -205,5 +224,5 @@ def fit(
         model.text_weight = 0.0
         without_text = final_evaluation(model, valid_split, test_split, rcfg, rank, world)
         model.text_weight = text_weight
-    return FitResult(state["best_state"], state["best_epoch"], chosen["valid"], chosen["test"], state["history"],
+    return FitResult(state.best_state, state.best_epoch, chosen["valid"], chosen["test"], state.history,
                      text_weight, chosen["test_ranks"], without_text)
