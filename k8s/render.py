@@ -98,6 +98,7 @@ class Values:
     config: str
     s3_secret: str
     aws_region: str
+    mlflow_uri: str
     shm_size: str
     head: Head
     prepare: Pods
@@ -131,7 +132,7 @@ def _env(v: dict[str, Any]) -> list[dict[str, Any]]:
         secret("AWS_ENDPOINT_URL_S3", optional=True),  # set it in the Secret for MinIO and other S3-compatible stores
         secret("LLMEMB_CHECKPOINT_KEY", optional=True),  # signs SCFT checkpoint digests (README: checkpoints)
         {"name": "AWS_REGION", "value": v["aws_region"]},
-    ]
+    ] + ([{"name": "MLFLOW_TRACKING_URI", "value": v["mlflow_uri"]}] if v["mlflow_uri"] else [])
 
 
 def _non_root(uid: int, gid: int) -> dict[str, Any]:

@@ -128,9 +128,23 @@ class StageRun:
         if self.sink:
             self.sink.log(figures, step=0)
 
+    def log_artifacts(self, folder: str | os.PathLike, path: str) -> None:
+        """Files a person reads (a report, its plots) as the run's artifacts under `path`, where the MLflow
+        server keeps them after the cluster that made them is gone."""
+        if not self.sink:
+            return
+        try:
+            _client(self.sink.mlflow_uri).log_artifacts(self.sink.run_id, str(folder), path)
+        except Exception as e:  # a tracking server that is down must not fail a finished stage
+            log.warning("tracking: artifacts %s of run %s not logged: %s", path, self.sink.run_id, e)
+
     def publish(self, pub: storage.Publication) -> None:
-        """Adds the event files to the publication; call it last, after every log."""
-        if self.sink and self.sink.tensorboard_dir:
+        """Names the run in the publication's manifest and adds the event files to it; call it last, after
+        every log."""
+        if not self.sink:
+            return
+        pub.info["mlflow"] = {"run_id": self.sink.run_id, "tracking_uri": self.sink.mlflow_uri}
+        if self.sink.tensorboard_dir:
             _close_writer(self.sink.tensorboard_dir)
             pub.upload_dir(self.sink.tensorboard_dir, TENSORBOARD_DIR)
 

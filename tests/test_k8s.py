@@ -215,6 +215,22 @@ def test_values_flow_into_every_manifest():
     assert images == {"example.org/llmemb:2", VALUES["kubectl_image"]}
 
 
+def test_an_mlflow_server_reaches_every_ray_pod_and_none_is_named_by_default():
+    def tracking_uris(values):
+        """Per Ray pod (head and workers: the driver and Ray Train's controller log there), the URIs it is given."""
+        out = []
+        for _, spec in rayjob_specs(render.render("all", values)):
+            cluster = spec["rayClusterSpec"]
+            pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+            out += [{e["value"] for e in c.get("env", []) if e["name"] == "MLFLOW_TRACKING_URI"}
+                    for pod in pods for c in pod["template"]["spec"]["containers"]]
+        return out
+
+    assert all(found == set() for found in tracking_uris(VALUES))
+    served = tracking_uris(copy.deepcopy(VALUES) | {"mlflow_uri": "http://mlflow.llmemb:5000"})
+    assert served and all(found == {"http://mlflow.llmemb:5000"} for found in served)
+
+
 def test_cli_prints_the_manifests():
     out = subprocess.run([sys.executable, str(REPO / "k8s" / "render.py"), "all"],
                          capture_output=True, text=True, check=True).stdout

@@ -103,6 +103,10 @@ def test_rat_tracks_every_epoch_of_each_variant_and_its_test_figures(ray_local, 
             assert history(client, run, f"{variant}/{metric}") == [1, 2, 3]
         assert 0 < run.data.metrics[f"variants/{variant}/test/full/overall/NDCG_10"] <= 1
     assert run.data.metrics["items"] == 60 and runs["prepare-ml-100k"].data.metrics["items"] == 60
+    # The report a person reads outlives the cluster as the run's artifacts; the manifest names the run.
+    assert {"report/report.md", "report/head_tail.png", "report/valid_curve.png"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert storage.read_manifest(uri)["mlflow"] == {"run_id": run.info.run_id, "tracking_uri": str(tmp_path / "mlruns")}
 
     scalars, texts = published_events(uri)
     assert scalars["sasrec-llm_id/valid_ndcg10"] == [1, 2, 3] and scalars["sasrec-id/loss"] == [1, 2, 3]
@@ -132,6 +136,8 @@ def test_scft_tracks_every_step(ray_local, tmp_path, monkeypatch):
     assert run.data.metrics["final_loss"] == run.data.metrics["loss"] and run.data.metrics["steps"] == 4
     scalars, texts = published_events(adapter_uri(cfg))
     assert scalars["loss"] == [1, 2, 3, 4] and "final_loss" in scalars and "config/text_summary" in texts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/loss.png"]
+    assert storage.read_manifest(adapter_uri(cfg))["mlflow"]["run_id"] == run.info.run_id
 
 
 def test_tracking_off_starts_no_run_writes_no_event_file_and_never_imports_mlflow(tmp_path):

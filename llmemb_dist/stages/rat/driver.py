@@ -166,6 +166,7 @@ def _train_and_publish(cfg: Config, inputs: dict[str, str], run: tracking.StageR
             (Path(d) / "metrics.json").write_text(json.dumps(metrics, indent=2))
             report.write_report(metrics, Path(d))
             pub.upload_dir(d, "report")
+            run.log_artifacts(d, "report")
         pub.info["metrics"] = comparison_rows(metrics)
         pub.info["comparison"] = metrics.get("comparison")
         pub.info["embeddings_input"] = emb_uri

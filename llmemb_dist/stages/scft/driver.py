@@ -107,6 +107,7 @@ def publish_adapter(cfg: Config, source, checkpoint_uri: str, run: tracking.Stag
         pub.write_text(METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics))
         plot_loss(metrics, Path(tmp) / "plots" / "loss.png")
         pub.upload_dir(Path(tmp) / "plots", "plots")
+        run.log_artifacts(Path(tmp) / "plots", "plots")
         pub.info["base_model"] = base_model_info(source, cfg.model)
         pub.info["steps"] = steps
         pub.info["final_loss"] = metrics[-1]["loss"]
