@@ -171,8 +171,7 @@ def _train_and_publish(cfg: Config, inputs: dict[str, str], run: tracking.StageR
         pub.info["comparison"] = metrics.get("comparison")
         pub.info["embeddings_input"] = emb_uri
         run.publish(pub)
-    log.info("published %s\n%s\n\n%s", out_uri, report.comparison_markdown(comparison_rows(metrics)),
-             report.strongest_markdown(metrics.get("comparison")))
+    log.info("published %s\n%s", out_uri, report.strongest_markdown(metrics.get("comparison")))
     if split is not None:
         log.info("cold start, test, full ranking:\n%s", report.cold_start_markdown(metrics["cold_start"]))
 
