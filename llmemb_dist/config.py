@@ -273,6 +273,14 @@ class RatConfig:
              "of few steps per epoch then trains as long before patience runs out as a large one")
     num_workers: int = bounded(1, low=1, help="Ray Train workers (data parallel)")
     cpus_per_worker: float = bounded(1.0, low=0.0, low_open=True, help="CPUs (and torch threads) per worker")
+    max_failures: int = bounded(
+        0, low=-1, added=True,
+        help="worker failures (a lost node, a killed process) a model's training survives, each resumed from its "
+             "last epoch's checkpoint with the same result; -1 = retry without limit (Ray Train's convention)")
+    fail_at_step: int = bounded(
+        -1, low=-1, added=True,
+        help="fault injection: worker rank 0 dies once at this optimizer step of each model (counted over the "
+             "run); -1 = off")
     seed: int = option(42, help="seeds initial weights, data order and negatives")
     eval: EvalConfig = field(default_factory=EvalConfig)
     cold: ColdStartConfig = field(default_factory=ColdStartConfig, metadata=ADDED)

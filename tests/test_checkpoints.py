@@ -9,9 +9,11 @@ import torch
 
 from llmemb_dist import storage
 from llmemb_dist.config import load_config
+from llmemb_dist.data.sequences import bucketed_batches, train_inputs
 from llmemb_dist.distributed.engine import (
     CHECKPOINT_TAG, DIGESTS, KEY_ENV, CheckpointTampered, verify_checkpoint, write_digests,
 )
+from llmemb_dist.layout import rat_checkpoints_uri
 from llmemb_dist.srs import build_model
 from llmemb_dist.stages.prepare.driver import prepare
 from llmemb_dist.stages.rat.inputs import load_sequences
@@ -143,3 +145,27 @@ def test_deepspeed_checkpoints_are_verified_before_anything_is_unpickled(tmp_pat
     with pytest.raises(CheckpointTampered, match="signature does not match"):
         verify_checkpoint(signed)
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_rat_killed_mid_epoch_resumes_to_the_result_of_an_uninterrupted_run(tmp_path, s3_server):
+    start_local_ray()
+    settings = [f"root={tmp_path / 'runs'}", "dataset.max_items=60", "rat.max_len=20", "rat.hidden=16", "rat.epochs=4",
+                "rat.patience=5", "rat.batch_size=16", "rat.eval.num_negatives=20"]
+    cfg = load_config(None, settings + ["rat.run=whole"])
+    prepare(cfg)
+    data = load_sequences(cfg)
+    _, whole = train_variant(cfg, data, "sasrec", "id")
+    lengths = np.array([len(q) for q in train_inputs(data, cfg.rat.max_len) if len(q) >= 2])
+    steps = len(bucketed_batches(lengths, cfg.rat.batch_size, np.random.default_rng([cfg.rat.seed, 0])))
+    assert 9 % steps and 9 < 4 * steps  # the fault below strikes inside an epoch, not between two
+    killed = load_config(None, settings + ["rat.run=killed", "rat.fail_at_step=9", "rat.max_failures=1"])
+    _, resumed = train_variant(killed, data, "sasrec", "id")
+    assert storage.exists(storage.join(rat_checkpoints_uri(killed), "sasrec-id.fault_injected"))  # it did fail
+
+    def timeless(history):
+        return [{k: v for k, v in h.items() if k != "train_seconds"} for h in history]
+
+    assert timeless(resumed.history) == timeless(whole.history)
+    assert resumed.test == whole.test and (resumed.test_ranks == whole.test_ranks).all()
+    assert all(torch.equal(resumed.best_state[k], v) for k, v in whole.best_state.items())

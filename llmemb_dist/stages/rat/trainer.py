@@ -134,14 +134,15 @@ def fit(
     srs: np.ndarray | None = None,
     state: TrainState | None = None,
     on_epoch: Callable[[TrainState], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
     rank: int = 0,
     world: int = 1,
     name: str = "rat",
 ) -> FitResult:
     """Trains with early stopping on validation NDCG@10 and returns the best weights with their test metrics.
 
-    `state` (from a checkpoint) resumes; `on_epoch` receives the state after every epoch; `name` begins
-    the progress lines.
+    `state` (from a checkpoint) resumes; `on_epoch` receives the state after every epoch and `on_step` the
+    number of each optimizer step done (counted over the run); `name` begins the progress lines.
     With world > 1 this runs inside a torch.distributed group and wraps the model in DDP.
     """
     torch.manual_seed(rcfg.seed)
@@ -177,6 +178,9 @@ def fit(
         steps = math.ceil(len(batches) / world)  # equal steps on every worker, or DDP hangs
         mine = [batches[(rank + world * i) % len(batches)] for i in range(steps)]
         generator = torch.Generator().manual_seed(rcfg.seed * 1_000_003 + epoch * 101 + rank)
+        # Dropout draws from the global generator: seeded per epoch too, so that a run resumed at any epoch
+        # continues exactly as the run it resumes would have.
+        torch.manual_seed(rcfg.seed * 1_000_003 + epoch * 101 + rank)
         objective.train()
         total = 0.0
         step_progress = Progress(log, f"{name} epoch {epoch + 1} step", len(mine), quiet_start=True)
@@ -188,6 +192,8 @@ def fit(
             total += loss.item()
             if rank == 0:
                 step_progress.update(step, f"loss {total / step:.4f}")
+            if on_step:
+                on_step(epoch * steps + step)
         train_s = time.perf_counter() - started
         # One collective per epoch: every worker stops at the same epoch, whichever one diverged.
         epoch_loss = mean_over_workers(torch.tensor(total / max(1, len(mine)), dtype=torch.float64), world)

@@ -34,10 +34,15 @@ class RatJob:
     data: Sequences
     llm: np.ndarray | None = None  # the LLM item table, row k - 1 for item k
     srs: np.ndarray | None = None  # the collaborative SASRec's item table, for the alignment loss
+    fault_marker: str = ""  # written when rat.fail_at_step has fired, so the resumed run does not fail again
 
     @property
     def variant(self) -> str:
         return f"{self.backbone}-{self.item_repr}"
+
+
+class InjectedFault(RuntimeError):
+    """Raised once by rank 0 at rat.fail_at_step, to exercise recovery."""
 
 
 # A checkpoint holds one of two things: "train", a TrainState to resume from, or "result", the FitResult of a
@@ -86,10 +91,17 @@ def train_worker(config: dict) -> None:
             save_state(checkpoint, d)
             ray_train.report(metrics, d)
 
+    def fail_once(step: int) -> None:
+        if step == job.rcfg.fail_at_step and rank == 0 and not storage.exists(job.fault_marker):
+            storage.write_bytes(job.fault_marker, b"")
+            raise InjectedFault(f"rat.fail_at_step: injected failure at step {step} of {job.variant}")
+
     data = job.data
+    torch.manual_seed(job.rcfg.seed)  # rat.seed seeds the initial weights too: a rerun starts where its twin did
     model = build_model(job.rcfg, job.backbone, job.item_repr, data.num_items, job.llm, data.train_popularity())
     result = fit(model, data, job.rcfg, srs=job.srs, state=state,
                  on_epoch=lambda st: report({TRAIN: vars(st)}, {"epoch": st.epoch, **st.history[-1]}),
+                 on_step=fail_once if job.rcfg.fail_at_step >= 0 else None,
                  rank=rank, world=worker.world, name=f"rat {job.variant}")
     report(result_to_checkpoint(result), {"epoch": result.epochs, "done": True})
 
@@ -99,13 +111,14 @@ def train_variant(cfg: Config, data: Sequences, backbone: str, item_repr: str, *
                   run: StageRun | None = None) -> tuple[SeqRecommender, FitResult]:
     """Trains (or resumes, or reuses) one model on Ray Train; returns it with its best weights, and its result.
     With `run`, every epoch's metrics are tracked as they are reported, named `<variant>/<metric>`."""
-    job = RatJob(cfg.rat, backbone, item_repr, data, llm, srs)
+    job = RatJob(cfg.rat, backbone, item_repr, data, llm, srs,
+                 fault_marker=storage.join(layout.rat_checkpoints_uri(cfg), f"{backbone}-{item_repr}.fault_injected"))
     log.info("training %s on %d workers", job.variant, job.rcfg.num_workers)
     trained = ray_train.run_training(
         train_worker, {"job": job},
         name=job.variant, storage_uri=layout.rat_checkpoints_uri(cfg),
         num_workers=job.rcfg.num_workers, cpus_per_worker=job.rcfg.cpus_per_worker,
-        on_report=run and run.steps("epoch", f"{job.variant}/"),
+        max_failures=job.rcfg.max_failures, on_report=run and run.steps("epoch", f"{job.variant}/"),
     )
     with ray_train.result_checkpoint(trained, f"RAT training of {job.variant}") as folder:
         saved = load_state(folder)
