@@ -19,6 +19,8 @@ STAGES = {
     "embed": ("llmemb_dist.stages.embed.driver", "embed"),
     "rat": ("llmemb_dist.stages.rat.driver", "rat"),
     "adapt": ("llmemb_dist.stages.adapt.driver", "adapt"),
+    "index": ("llmemb_dist.stages.index.driver", "index"),
+    "serve": ("llmemb_dist.stages.index.serving", "serve"),
     "pipeline": ("llmemb_dist.stages.pipeline", "pipeline"),
     "cleanup": ("llmemb_dist.cleanup", "cleanup"),
 }

@@ -8,6 +8,7 @@
 <root>/rat/<rat.run>/checkpoints/<variant>/     RAT: Ray Train storage per trained model
 <root>/rat/<rat.run>/result/                    RAT: item embeddings, model, metrics, report
 <root>/adapted/<adapt.version>/                 adapt: every item of an embeddings version, in RAT's space
+<root>/index/<index.version>/                   index: a FAISS index over an adapted version, for top-k serving
 <root>/reports/<rat.run>/                       pipeline: the run report
 ```
 Stages find each other's outputs here, never by importing each other.
@@ -71,3 +72,12 @@ def adapt_input_embeddings_uri(cfg: Config) -> str:
 
 def adapted_uri(cfg: Config, version: str | None = None) -> str:
     return storage.join(cfg.root, "adapted", version or cfg.adapt.version)
+
+
+def index_input_adapted_uri(cfg: Config) -> str:
+    """What the index stage reads: `index.adapted`, else the current `adapt.version`."""
+    return adapted_uri(cfg, cfg.index.adapted or cfg.adapt.version)
+
+
+def index_uri(cfg: Config, version: str | None = None) -> str:
+    return storage.join(cfg.root, "index", version or cfg.index.version)

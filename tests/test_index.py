@@ -1,0 +1,213 @@
+"""The index stage: an exact index answers top_k as the full scan does, HNSW and IVF find the true top 10,
+the manifest records what the index is, a rerun reuses it, and a mismatched index or bad config is refused."""
+import dataclasses
+import json
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from llmemb_dist import storage
+from llmemb_dist.api import Recommender
+from llmemb_dist.cli import main
+from llmemb_dist.config import ConfigError, load_config
+from llmemb_dist.data.embeddings import embeddings_table
+from llmemb_dist.layout import adapted_uri, dataset_uri, embeddings_uri, index_uri, rat_result_uri
+from llmemb_dist.stages.adapt.driver import adapt
+from llmemb_dist.stages.index import kinds, serving, users
+from llmemb_dist.stages.index.driver import index
+from llmemb_dist.stages.prepare.driver import prepare
+from llmemb_dist.stages.rat.driver import rat
+
+from conftest import REPO, free_port, start_local_ray
+
+DIM, HIDDEN = 8, 16
+SETTINGS = ["dataset.max_items=60", "rat.max_len=20", f"rat.hidden={HIDDEN}", "rat.adapter_hidden=24", "rat.epochs=2",
+            "rat.patience=2", f"rat.embedding_dim={DIM}", "rat.item_repr=llm_id", "rat.embeddings=v1",
+            "rat.eval.num_negatives=20", "rat.loss=ce", "adapt.version=today", "adapt.embeddings=v1",
+            "rat.text_weights=[4]"]  # the text channel on, so that the index must hold its columns too
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, s3_server):
+    """RAT (llm_id, text channel on) on 60 ml-100k items over a random LLM table, adapted as version `today`."""
+    start_local_ray()
+    root = tmp_path_factory.mktemp("runs")
+    cfg = load_config(None, [f"root={root}", *SETTINGS])
+    prepare(cfg)
+    catalog = storage.read_table(dataset_uri(cfg), "catalog")
+    ids = catalog.column("item_id").to_pylist()
+    vectors = np.random.default_rng(0).normal(size=(len(ids), DIM)).astype(np.float32)
+    with storage.publish(embeddings_uri(cfg, "v1"), kind="embeddings", config={}, config_hash="test") as pub:
+        pub.write_table("embeddings", embeddings_table(pa.array(ids, pa.string()), catalog.column("text_hash"), vectors))
+        pub.info.update(dim=DIM, encoder="enc-a", base_model={"path": "base-a", "fingerprint": "base-a"})
+    rat(cfg)
+    adapt(cfg)
+    return cfg
+
+
+def config(cfg, *overrides):
+    return load_config(None, [f"root={cfg.root}", *SETTINGS, *overrides])
+
+
+def histories(cfg, rec, count=20):
+    return users.validation_histories(rat_result_uri(cfg), storage.read_manifest(rat_result_uri(cfg)),
+                                      set(rec.item_ids), count, seed=1)
+
+
+def test_an_exact_index_answers_top_k_as_the_full_scan(published):
+    cfg = config(published, "index.version=exact", "index.kind=exact")
+    uri = index(cfg)
+    full = Recommender.from_publication(rat_result_uri(cfg), items=adapted_uri(cfg))
+    fast = Recommender.from_publication(rat_result_uri(cfg), index=uri)
+    assert fast.index is not None and fast.item_ids == full.item_ids
+    for history in histories(cfg, full):
+        for k, exclude in ((10, True), (5, False)):
+            mine, theirs = fast.top_k(history, k, exclude), full.top_k(history, k, exclude)
+            assert [item for item, _ in mine] == [item for item, _ in theirs] and len(mine) == k
+            assert np.allclose([s for _, s in mine], [s for _, s in theirs], rtol=0, atol=1e-5)
+            assert not exclude or not {item for item, _ in mine} & set(history)
+    # More than the catalog holds: every item not in the history, as the full scan gives.
+    history = histories(cfg, full)[0]
+    assert [i for i, _ in fast.top_k(history, 500)] == [i for i, _ in full.top_k(history, 500)]
+
+
+def test_the_manifest_records_what_the_index_is_and_a_rerun_reuses_it(published):
+    cfg = config(published, "index.version=hnsw", "index.kind=hnsw", "index.m=8", "index.recall_users=50")
+    uri = index(cfg)
+    manifest = storage.read_manifest(uri)
+    adapted, rat_result = storage.read_manifest(adapted_uri(cfg)), storage.read_manifest(rat_result_uri(cfg))
+    assert manifest["kind"] == "index"
+    assert manifest["inputs"] == {"adapted": {"uri": adapted_uri(cfg), "data_dir": adapted["data_dir"]},
+                                  "rat": {"uri": rat_result_uri(cfg), "data_dir": rat_result["data_dir"]}}
+    assert manifest["index"] == {"kind": "hnsw", "m": 8, "ef_construction": 200, "ef_search": 128,
+                                 "recall_users": 50, "recall_seed": 0}
+    assert manifest["items"] == 60 and manifest["dim"] == HIDDEN + DIM and manifest["text_weight"] == 4
+    assert manifest["recall_users"] == 50 and 0.9 <= manifest["recall_at_10"] <= 1 and manifest["build_seconds"] > 0
+    assert set(manifest["tables"]) == {"item_ids"} and "faiss/index.faiss" in manifest["files"]
+    assert storage.read_table(uri, "item_ids").column("item_id").to_pylist() == \
+        Recommender.from_publication(rat_result_uri(cfg), items=adapted_uri(cfg)).item_ids
+
+    assert index(cfg) == uri and storage.read_manifest(uri) == manifest  # the same inputs: nothing to do
+    with pytest.raises(storage.AlreadyPublished, match="choose another index.version"):
+        index(config(published, "index.version=hnsw", "index.kind=hnsw", "index.m=16"))
+
+
+def test_an_index_of_another_adapted_version_or_rat_result_is_refused(published, tmp_path):
+    cfg = config(published, "index.version=mismatch", "index.kind=exact")
+    uri = index(cfg)
+    other = adapt(config(published, "adapt.version=other"))  # the same vectors, another publication
+    with pytest.raises(storage.DataError, match=r"built over the adapted version .*today.* not this recommender's .*other"):
+        Recommender.from_publication(rat_result_uri(cfg), items=other, index=uri)
+
+    # The RAT result republished (its files in a new transaction folder, as a rerun with overwrite leaves them).
+    republished = tmp_path / "rat"
+    shutil.copytree(rat_result_uri(cfg), republished, symlinks=True)
+    manifest = json.loads((republished / storage.MANIFEST).read_text())
+    (republished / manifest["data_dir"]).rename(republished / "data-republished")
+    manifest["data_dir"] = "data-republished"
+    (republished / storage.MANIFEST).write_text(json.dumps(manifest))
+    Recommender.from_publication(str(republished), items=adapted_uri(cfg))  # a model in its own right
+    with pytest.raises(storage.DataError, match=r"built over the RAT result .* not this recommender's"):
+        Recommender.from_publication(str(republished), items=adapted_uri(cfg), index=uri)
+    with pytest.raises(storage.DataError, match="not an index publication"):
+        Recommender.from_publication(rat_result_uri(cfg), index=adapted_uri(cfg))
+
+    # An adapted version whose RAT result was republished after it was adapted: its vectors are of a model
+    # no longer published, so the stage refuses to index it, and publishes nothing.
+    stale = config(published, "index.version=stale", "index.adapted=stale")
+    shutil.copytree(adapted_uri(cfg), adapted_uri(stale, "stale"), symlinks=True)
+    stale_manifest = json.loads(open(f"{adapted_uri(stale, 'stale')}/{storage.MANIFEST}").read())
+    stale_manifest["inputs"]["rat"]["uri"] = str(republished)
+    open(f"{adapted_uri(stale, 'stale')}/{storage.MANIFEST}", "w").write(json.dumps(stale_manifest))
+    with pytest.raises(storage.DataError, match="has been republished since .*data-republished.*: adapt again"):
+        index(stale)
+    assert not storage.is_published(index_uri(stale))
+
+
+def test_hnsw_and_ivf_find_the_true_top_10_of_20000_random_vectors():
+    rng = np.random.default_rng(0)
+    items, queries = rng.normal(size=(20_000, 32)).astype(np.float32), rng.normal(size=(200, 32)).astype(np.float32)
+    truth = kinds.exact_top(queries, items, 10)
+    cfg = load_config(None, ["index.kind=hnsw", "index.m=16", "index.nlist=64", "index.nprobe=64"]).index
+    hnsw = kinds.build(items, kinds.resolve(cfg, 20_000, "test"))
+    assert kinds.recall(hnsw.search(queries, 10)[1], truth) >= 0.95
+    # Isotropic random vectors have no cells to speak of, so IVF is checked where it must be exact: every
+    # cell searched; fewer cells find less.
+    ivf = kinds.build(items, kinds.resolve(dataclasses.replace(cfg, kind="ivf"), 20_000, "test"))
+    assert kinds.recall(ivf.search(queries, 10)[1], truth) == 1
+    ivf.nprobe = 4
+    assert kinds.recall(ivf.search(queries, 10)[1], truth) < 0.9
+    exact = kinds.build(items, {"kind": "exact"})
+    assert kinds.recall(exact.search(queries, 10)[1], truth) == 1
+    assert kinds.recall(truth[:, ::-1][:, :5].repeat(2, 1), truth) == 0.5  # half the true top 10, in any order
+
+
+def test_bad_index_config_is_refused_by_key_name(published, capsys):
+    for override, message in (("index.kind=flat", "'index.kind' must be one of"), ("index.m=1", "'index.m' must be at least 2"),
+                              ("index.nprobe=5000", "index.nprobe 5000 must be at most index.nlist 4096"),
+                              ("index.recall_users=0", "'index.recall_users' must be at least 1"),
+                              ("index.adapted=../x", "'index.adapted' must be a name")):
+        with pytest.raises(ConfigError, match=message):
+            config(published, override)
+    # More cells than items is known only from the adapted version: refused before any work, nothing published.
+    argv = [f"root={published.root}", *SETTINGS, "index.version=too-many-cells", "index.kind=ivf", "index.nlist=100",
+            "index.nprobe=8"]
+    assert main("index", index, [str(REPO / "configs" / "default.yaml"), *argv]) == 2
+    assert "index.nlist 100 is more than its 60 items" in capsys.readouterr().err
+    assert not storage.is_published(index_uri(config(published, "index.version=too-many-cells")))
+
+
+def post(url, body):
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_ray_serve_answers_over_http_and_reloads_a_republished_index_without_dropping_requests(published):
+    from ray import serve
+
+    cfg = config(published, "index.version=live", "index.kind=exact", f"index.serve_port={free_port()}",
+                 "index.serve_watch_s=0.5")
+    first = storage.read_manifest(index(cfg))["data_dir"]
+    rec = Recommender.from_publication(rat_result_uri(cfg), index=index_uri(cfg))
+    history = histories(cfg, rec)[0]
+    url = serving.start(cfg)
+    try:
+        status, answer = post(url, {"history": history, "k": 5})
+        assert status == 200 and answer["index"] == first
+        assert [(i["item_id"], pytest.approx(i["score"], abs=1e-5)) for i in answer["items"]] == rec.top_k(history, 5)
+        assert post(url, {"history": ["no-such-item"]}) == (400, {"error": "item 'no-such-item' of the history is "
+                                                                  "not in this recommender's item table"})
+        assert post(url, {"history": history, "k": 0})[0] == 400
+
+        answers, stop = [], threading.Event()
+
+        def ask():  # requests one after another while the index is republished, at most 400
+            while not stop.is_set() and len(answers) < 400:
+                answers.append(post(url, {"history": history, "k": 5}))
+
+        client = threading.Thread(target=ask)
+        client.start()
+        second = storage.read_manifest(index(config(published, "index.version=live", "index.kind=hnsw",
+                                                    "index.replace=true")))["data_dir"]
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(a[1].get("index") == second for a in answers[-3:]):
+            time.sleep(0.2)
+        time.sleep(1)  # a few requests on the new version too
+        stop.set()
+        client.join()
+        assert second != first and answers and all(status == 200 for status, _ in answers)
+        versions = [a["index"] for _, a in answers]
+        switch = versions.index(second)  # served the new version, and never the old one after it
+        assert set(versions[:switch]) <= {first} and set(versions[switch:]) == {second}
+    finally:
+        serve.delete(serving.APP)
