@@ -66,13 +66,30 @@ def option(default: Any, *, help: str, added: bool = False) -> Any:
 
 
 @dataclass
+class ParquetColumns:
+    items: str = option("items", help="the catalog's Parquet file or folder of files, under dataset.source")
+    interactions: str = option("interactions", help="the interactions' Parquet file or folder, under dataset.source")
+    item_id: str = option("item_id", help="the catalog's item id column")
+    attributes: list[str] = option(
+        [], help="the catalog columns the prompt describes, each `column` or `column:prompt name` (the name the "
+                 "prompt gives it, the attribute's name from then on); empty = every other column, as it is named")
+    user_id: str = option("user_id", help="the interactions' user id column")
+    interaction_item_id: str = option("", help="the interactions' item id column; empty = the same name as item_id")
+    timestamp: str = option(
+        "timestamp", help="the interactions' time column: a number (its unit is dataset.timestamp_unit) or a "
+                          "timestamp or date type")
+
+
+@dataclass
 class DatasetConfig:
     name: str = name("ml-100k", help="the dataset's name: it is published as <root>/datasets/<name>")
-    format: Literal["recbole", "movielens_csv", "amazon"] = option(
+    format: Literal["recbole", "movielens_csv", "amazon", "parquet"] = option(
         "recbole", help="recbole: atomic .inter/.item files; movielens_csv: GroupLens CSV; amazon: review + meta "
-                        "JSON lines")
+                        "JSON lines; parquet: a catalog and an interactions table as Parquet, read in place (a local "
+                        "folder or an s3:// prefix), columns named by dataset.parquet")
     source: str = option("recbole:ml-100k", help="A folder (or for amazon the reviews file); \"recbole:<name>\" "
                                                  "means the example shipped in the recbole wheel.")
+    parquet: ParquetColumns = field(default_factory=ParquetColumns, metadata=ADDED)
     metadata: str = option("", help="amazon only: the metadata JSON lines file")
     attributes: list[str] = option([], help="item columns kept as attributes; empty = all")
     k_core: int = bounded(0, low=0, help="iterative: every user and item keeps at least k interactions; 0 = off")

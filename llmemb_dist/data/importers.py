@@ -2,9 +2,10 @@
 
 items: `item_id` plus one column per attribute. interactions: user_id, item_id, timestamp. Every value is
 text (timestamps too: their unit is decided over the whole file, data/timestamps.py), read in batches in
-file order, so a file larger than memory goes through. RecBole files are streamed from disk; the MovieLens
-CSV and Amazon JSON readers fold and parse in memory first (their public releases are small), then serve
-batches the same way. Errors name the file and line.
+file order, so a file larger than memory goes through. RecBole files are streamed from disk, Parquet tables
+(a production catalog's export, with its own column names) from a local folder or S3 as they are; the
+MovieLens CSV and Amazon JSON readers fold and parse in memory first (their public releases are small),
+then serve batches the same way. Errors name the file and line (or row).
 """
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ from typing import Callable, Iterator, NamedTuple
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from llmemb_dist import storage
+from llmemb_dist.config import ParquetColumns
 from llmemb_dist.data.catalog import ITEM_ID, TIMESTAMP, USER_ID
 from llmemb_dist.storage import DataError
 
@@ -31,13 +35,26 @@ BLOCK_BYTES = 8 << 20  # raw text parsed at once: bounds the import's memory; pe
 class RawTable:
     """One raw file as batches of Arrow strings, in file order."""
 
-    path: Path
+    path: Path | str
     columns: list[str]
     first_line: int  # the file's line of the first row, for messages
     read: Callable[[list[str]], Iterator[pa.RecordBatch]]
+    # A table of several files (Parquet): each file's name and rows, in read order; rows are named in their file.
+    files: tuple[tuple[str, int], ...] = ()
 
     def batches(self, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         return self.read(columns or self.columns)
+
+    def position(self, row: int) -> str:
+        """Where the table's row `row` (counted from 0 in read order) is, for messages: `line 12`, or
+        `row 3 of part-0001.parquet`."""
+        if not self.files:
+            return f"line {row + self.first_line}"
+        for name, rows in self.files:
+            if row < rows:
+                return f"row {row} of {name}"
+            row -= rows
+        raise IndexError(row)
 
     @classmethod
     def in_memory(cls, frame: pd.DataFrame, path: Path, first_line: int) -> RawTable:
@@ -50,7 +67,9 @@ class RawDataset(NamedTuple):
     interactions: RawTable
 
 
-def read_dataset(fmt: str, source: str, metadata: str = "") -> RawDataset:
+def read_dataset(fmt: str, source: str, metadata: str = "", parquet: ParquetColumns | None = None) -> RawDataset:
+    if fmt == "parquet":
+        return read_parquet_tables(source, parquet or ParquetColumns())
     if fmt == "recbole":
         return read_recbole(resolve_recbole_source(source))
     if fmt == "movielens_csv":
@@ -70,6 +89,79 @@ def resolve_recbole_source(source: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DataError(f"dataset.source {source!r} needs the recbole wheel: pip install --no-deps recbole==1.2.1")
     return Path(spec.submodule_search_locations[0]) / "dataset_example" / source[len(RECBOLE_PREFIX):]
+
+
+# ---------------------------------------------------------------- Parquet tables
+
+
+PARQUET_BATCH_ROWS = 65_536
+
+
+def read_parquet_tables(source: str, columns: ParquetColumns) -> RawDataset:
+    """A catalog and an interactions table as Parquet under `source` (a folder or s3:// prefix), their columns
+    renamed to this importer's by `dataset.parquet`."""
+    renamed = dict(_attribute_names(columns.attributes))
+    items = _parquet_table(storage.join(source, columns.items), {columns.item_id: ITEM_ID, **renamed},
+                           others=not renamed, key="items")
+    inter = _parquet_table(storage.join(source, columns.interactions),
+                           {columns.user_id: USER_ID, columns.interaction_item_id or columns.item_id: ITEM_ID,
+                            columns.timestamp: TIMESTAMP}, others=False, key="interactions")
+    return RawDataset(items, inter)
+
+
+def _attribute_names(attributes: list[str]) -> Iterator[tuple[str, str]]:
+    for spec in attributes:
+        column, _, prompt_name = spec.partition(":")
+        if not column:
+            raise DataError(f"dataset.parquet.attributes: {spec!r} names no column (`column` or `column:prompt name`)")
+        yield column, prompt_name.strip() or column
+
+
+def _parquet_table(uri: str, names: dict[str, str], others: bool, key: str) -> RawTable:
+    """The Parquet file or folder at `uri` as a RawTable of text columns named by `names` (source column ->
+    importer column); with `others`, every other column too, under its own name."""
+    import pyarrow.dataset as pads
+
+    fs, path = storage.resolve(uri)
+    try:
+        data = pads.dataset(path, filesystem=fs, format="parquet")
+    except (FileNotFoundError, pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"dataset.parquet.{key}: {uri} is no Parquet file or folder of them ({e})") from None
+    fragments = sorted(data.get_fragments(), key=lambda f: f.path)
+    if not fragments:
+        raise DataError(f"dataset.parquet.{key}: {uri} holds no Parquet file")
+    missing = [c for c in names if c not in data.schema.names]
+    if missing:
+        raise DataError(f"{uri}: no column {missing[0]!r} (dataset.parquet names it); the columns are {data.schema.names}")
+    if others:
+        names = {**names, **{c: c for c in data.schema.names if c not in names}}
+    files = tuple((Path(f.path).name, f.count_rows()) for f in fragments)
+    source_of = {importer: column for column, importer in names.items()}
+
+    def read(wanted: list[str]) -> Iterator[pa.RecordBatch]:
+        for fragment in fragments:
+            for batch in fragment.to_batches(columns=[source_of[c] for c in wanted], batch_size=PARQUET_BATCH_ROWS):
+                yield pa.record_batch([_as_text(batch.column(i), uri, source_of[c]) for i, c in enumerate(wanted)],
+                                      names=wanted)
+
+    return RawTable(uri, list(names.values()), 0, read, files)
+
+
+def _as_text(values: pa.Array, uri: str, column: str) -> pa.Array:
+    """A column as the text every importer hands on: times and dates as seconds since 1970 (dataset.timestamp_unit
+    then reads them as s), lists of strings joined by ", ", anything else by Arrow's cast."""
+    kind = values.type
+    if pa.types.is_dictionary(kind):
+        return _as_text(values.dictionary_decode(), uri, column)
+    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
+        seconds = pc.cast(pc.cast(values, pa.timestamp("s"), safe=False), pa.int64())
+        return pc.cast(seconds, pa.string())
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return pc.binary_join(pc.cast(values, pa.list_(pa.string())), ", ")
+    try:
+        return pc.cast(values, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise DataError(f"{uri}: column {column!r} is of type {kind}, which has no text to read") from None
 
 
 # ---------------------------------------------------------------- RecBole atomic files

@@ -112,7 +112,7 @@ def _column(table: RawTable, name: str) -> pa.Array:
 
 def _scan_users_and_timestamps(inter: RawTable, unit: str) -> tuple[pa.Array, str, int]:
     """The first pass: the sorted distinct users, the timestamps' unit (checking every value) and the row count."""
-    scan = TimestampScan(inter.path, inter.first_line, unit)
+    scan = TimestampScan(inter.path, inter.position, unit)
     distinct = []
     for batch in inter.batches([USER_ID, TIMESTAMP]):
         scan.add(batch.column(TIMESTAMP))

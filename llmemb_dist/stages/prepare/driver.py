@@ -25,7 +25,10 @@ def prepare(cfg: Config, overwrite: bool = False) -> str:
     started = time.time()
     source = cfg.dataset.source
     with tempfile.TemporaryDirectory() as tmp:
-        raw = read_dataset(cfg.dataset.format, _local(source, tmp), _local(cfg.dataset.metadata, tmp))
+        if cfg.dataset.format == "parquet":  # read in place, streamed from the folder or bucket
+            raw = read_dataset("parquet", source, parquet=cfg.dataset.parquet)
+        else:
+            raw = read_dataset(cfg.dataset.format, _local(source, tmp), _local(cfg.dataset.metadata, tmp))
         prepared = preprocess(raw, cfg.dataset, source, Path(tmp))
         counts = prepared.counts
         with tracking.stage_run(cfg, "prepare", cfg.dataset.name) as run, storage.publish(
