@@ -34,7 +34,7 @@ from llmemb_dist.layout import adapter_uri, dataset_uri  # noqa: E402
 from llmemb_dist.stages.prepare.driver import prepare  # noqa: E402
 from llmemb_dist.stages.scft.driver import scft  # noqa: E402
 from llmemb_dist.stages.scft.batches import Views, batch_indices  # noqa: E402
-from llmemb_dist.stages.scft.model import build_contrastive_model  # noqa: E402
+from llmemb_dist.stages.scft.model import build_contrastive_model, engine_spec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 STEPS, WARMUP, BATCH = 30, 10, 16
@@ -52,7 +52,7 @@ def bare_loop_items_per_s(cfg: Config) -> float:
     columns = attribute_columns(table.schema)
     items = [item_attributes(r, columns) for r in table.to_pylist()]
     s = cfg.scft
-    model, tokenizer = build_contrastive_model(cfg)
+    model, tokenizer = build_contrastive_model(cfg, engine_spec(cfg))
     model.train()
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr)
     views = Views(items, cfg.model.instruction, s.drop_ratio, s.augmentation, s.seed, 0)

@@ -111,8 +111,9 @@ def train(cfg: Config, items, args) -> dict:
     """Timed SCFT steps, exactly as a worker runs them (stages/scft/worker.py without Ray)."""
     if not args.cpu:
         torch.cuda.reset_peak_memory_stats()
-    model, tokenizer = build_contrastive_model(cfg)
-    engine = ds_engine.build_engine(model, engine_spec(cfg))
+    spec = engine_spec(cfg)
+    model, tokenizer = build_contrastive_model(cfg, spec)
+    engine = ds_engine.build_engine(model, spec)
     s = cfg.scft
     views = Views(items, cfg.model.instruction, s.drop_ratio, s.augmentation, s.seed, 0)
     engine.train()

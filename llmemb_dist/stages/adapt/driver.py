@@ -13,15 +13,15 @@ import logging
 import time
 
 
-from llmemb_dist import blockio, layout, storage, tracking
-from llmemb_dist.config import Config, config_hash, to_dict
-from llmemb_dist.data.embeddings import embeddings_schema
+from llmemb_dist import blockio, layout, storage, versions
+from llmemb_dist.config import Config
 from llmemb_dist.distributed.cluster import check_actor_pool, init_ray
 from llmemb_dist.progress import Progress
 from llmemb_dist.stages.adapt.actor import PlaceActor
 
 log = logging.getLogger(__name__)
-TABLE = "item_embeddings"
+ADAPTED = versions.Table(stage="adapt", kind="adapted", name="item_embeddings", what="adapted vectors",
+                         uri=layout.adapted_uri)
 
 
 def adapt(cfg: Config) -> str:
@@ -35,33 +35,27 @@ def adapt(cfg: Config) -> str:
         "embeddings": {"uri": emb_uri, "data_dir": emb_manifest["data_dir"], "encoder": emb_manifest.get("encoder")},
         "incremental_from": cfg.adapt.incremental_from or None,
     }
-    if storage.already_published(out_uri, {"inputs": inputs}, "adapted vectors", differs="other inputs",
-                                 hint="choose another adapt.version"):
+    if versions.already_published(cfg, ADAPTED, out_uri, inputs):
         return out_uri
 
     init_ray(cfg.ray, cfg.log.verbose)
     check_actor_pool(cfg.adapt.num_actors, cfg.adapt.cpus_per_actor, "adapt")
     emb_files = storage.table_files(emb_uri, "embeddings", emb_manifest)
     keys = blockio.table_keys(emb_files, lookups=bool(cfg.adapt.incremental_from))
-    carry, previous = carried_over(cfg, keys, inputs)
+    previous = versions.previous_version(cfg, ADAPTED, keys, lambda prev_uri, prev: same_inputs(prev_uri, prev, inputs))
+    carry = previous and previous.carry
     reused = carry.reused if carry else 0
     counts = {"items": keys.rows, "computed": keys.rows - reused, "reused": reused,
               "removed": carry.removed if carry else 0}
     log.info("adapting %s with %s into %s: %s", emb_uri, rat_uri, out_uri, counts)
     started = time.time()
-    with tracking.stage_run(cfg, "adapt", cfg.adapt.version) as run, storage.publish(
-            out_uri, kind="adapted", config=to_dict(cfg), config_hash=config_hash(cfg.adapt), inputs=inputs) as pub:
+    with versions.publishing(cfg, ADAPTED, out_uri, inputs, keys, previous, placement["hidden"]) as version:
         computed = placed(cfg, emb_files, carry, storage.join(storage.data_uri(rat_uri, rat_manifest),
                                                               placement["folder"])) if counts["computed"] else None
-        meta = blockio.write_with_carry_over(computed, carry, storage.join(pub.data_uri, TABLE), cfg.adapt.rows_per_file,
-                                             Progress(log, "adapt", counts["items"], unit="items"))
-        rows = blockio.verify(meta, keys, out_uri, "adapted vectors")
-        pub.add_table_files(TABLE, [m["file"] for m in meta], rows, embeddings_schema(placement["hidden"]))
-        pub.info.update(counts=counts, dim=placement["hidden"], item_repr=placement["item_repr"], previous=previous,
-                        carried_files=carry and carry.file_counts())
+        version.write(computed, carry, Progress(log, "adapt", counts["items"], unit="items"))
+        version.pub.info.update(counts=counts, item_repr=placement["item_repr"])
         seconds = time.time() - started
-        run.log_final({**counts, "seconds": seconds, "items_per_s": counts["computed"] / max(seconds, 1e-9)})
-        run.publish(pub)
+        version.run.log_final({**counts, "seconds": seconds, "items_per_s": counts["computed"] / max(seconds, 1e-9)})
     log.info("published %s in %.1f s: %s", out_uri, time.time() - started, counts)
     return out_uri
 
@@ -93,19 +87,15 @@ def check_inputs(rat_uri: str, rat_manifest: dict, emb_uri: str, emb_manifest: d
     return placement
 
 
-def carried_over(cfg: Config, keys: blockio.Keys, inputs: dict) -> tuple[blockio.CarryOver | None, str | None]:
-    """What a previous adapted version holds from the same model and LLM vectors, and its URI."""
-    if not cfg.adapt.incremental_from:
-        return None, None
-    prev_uri = layout.adapted_uri(cfg, cfg.adapt.incremental_from)
-    prev = storage.read_manifest(prev_uri)
+def same_inputs(prev_uri: str, prev: dict, inputs: dict) -> bool:
+    """Whether the previous adapted version `prev` was made from the same model and LLM vectors."""
     same_model = prev["inputs"]["rat"]["data_dir"] == inputs["rat"]["data_dir"]
     same_encoder = prev["inputs"]["embeddings"]["encoder"] == inputs["embeddings"]["encoder"]
     if not (same_model and same_encoder):
         log.warning("%s was adapted with another RAT model or encoder: no vector can be reused, adapting every item",
                     prev_uri)
-        return None, None
-    return blockio.carry_over(keys, storage.table_files(prev_uri, TABLE, prev)), prev_uri
+        return False
+    return True
 
 
 def placed(cfg: Config, emb_files: list[str], carry: blockio.CarryOver | None, placement_uri: str):

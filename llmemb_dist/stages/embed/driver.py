@@ -13,15 +13,15 @@ from __future__ import annotations
 import logging
 import time
 
-from llmemb_dist import blockio, layout, storage, tracking
-from llmemb_dist.config import Config, ConfigError, config_hash, to_dict
-from llmemb_dist.data.embeddings import embeddings_schema
+from llmemb_dist import blockio, layout, storage, versions
+from llmemb_dist.config import Config, ConfigError
 from llmemb_dist.distributed.cluster import check_actor_pool, init_ray
 from llmemb_dist.llm.loading import base_model_info, resolve_model
 from llmemb_dist.progress import Progress
 from llmemb_dist.stages.embed import dataflow
 from llmemb_dist.stages.embed import pca as embed_pca
-from llmemb_dist.stages.embed.plan import encoder_identity, hidden_size, make_plan, previous_pca, resolve_adapter
+from llmemb_dist.stages.embed.plan import (EMBEDDINGS, encoder_identity, hidden_size, make_plan, previous_pca,
+                                           resolve_adapter)
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,7 @@ def embed(cfg: Config) -> str:
         "pca_dim": cfg.embed.pca_dim,
         "incremental_from": cfg.embed.incremental_from or None,
     }
-    if storage.already_published(out_uri, {"inputs": inputs}, "embeddings", differs="other inputs",
-                                 hint="choose another embed.version"):
+    if versions.already_published(cfg, EMBEDDINGS, out_uri, inputs):
         return out_uri
 
     init_ray(cfg.ray, cfg.log.verbose)
@@ -57,30 +56,28 @@ def embed(cfg: Config) -> str:
     if plan.new == 0:
         log.info("no item is new or changed: no model work, carrying %d embeddings over", plan.reused)
 
-    with tracking.stage_run(cfg, "embed", cfg.embed.version) as run, storage.publish(
-            out_uri, kind="embeddings", config=to_dict(cfg), config_hash=config_hash(cfg.embed), inputs=inputs) as pub:
-        pca = previous_pca(plan) if plan.previous else None
-        folder = storage.join(pub.data_uri, "embeddings")
+    with versions.publishing(cfg, EMBEDDINGS, out_uri, inputs, plan.keys, plan.previous, dim) as version:
+        pub = version.pub
+        pca = previous_pca(plan.previous) if plan.previous else None
         start = time.time()
         if cfg.embed.pca_dim and pca is None:  # fit on this catalog: embed to a scratch folder first
             raw_folder = storage.join(pub.data_uri, "_raw")
             raw_files = blockio.write(dataflow.embedded(cfg, plan, adapter, pub.data_dir), raw_folder, cfg.embed.rows_per_file,
                                       Progress(log, "embed", plan.new, unit="items"))
             pca = dataflow.fit_pca(raw_folder, raw_files, cfg.embed.pca_dim)
-            meta = blockio.write(blockio.read(blockio.uris(raw_folder, raw_files)).map_batches(
-                embed_pca.project, fn_kwargs={"pca": pca}, batch_format="pyarrow"), folder, cfg.embed.rows_per_file)
+            projected = blockio.read(blockio.uris(raw_folder, raw_files)).map_batches(
+                embed_pca.project, fn_kwargs={"pca": pca}, batch_format="pyarrow")
+            # Nothing is carried over: a previous version's vectors are not in the space of this PCA.
+            rows, files = version.write(projected, carry=None, progress=None)
             storage.delete_tree(raw_folder)
         else:
             new = dataflow.embedded(cfg, plan, adapter, pub.data_dir) if plan.new else None
             if new is not None and pca:
                 new = new.map_batches(embed_pca.project, fn_kwargs={"pca": pca}, batch_format="pyarrow")
-            meta = blockio.write_with_carry_over(new, plan.carry, folder, cfg.embed.rows_per_file,
-                                                 Progress(log, "embed", plan.keys.rows, unit="items"))
-        rows = blockio.verify(meta, plan.keys, out_uri, "embeddings")
+            rows, files = version.write(new, plan.carry, Progress(log, "embed", plan.keys.rows, unit="items"))
         seconds = time.time() - start
         log.info("wrote %d embeddings in %d files in %.1f s (%.1f items/s embedded)",
-                 rows, len(meta), seconds, plan.new / max(seconds, 1e-9))
-        pub.add_table_files("embeddings", [m["file"] for m in meta], rows, embeddings_schema(dim))
+                 rows, files, seconds, plan.new / max(seconds, 1e-9))
         if pca is not None:
             storage.write_bytes(storage.join(pub.data_uri, embed_pca.PCA_FILE), embed_pca.to_bytes(pca))
             pub.files.append(embed_pca.PCA_FILE)
@@ -88,14 +85,10 @@ def embed(cfg: Config) -> str:
             base_model=base,
             adapter=adapter and {"uri": adapter[0], "config_hash": adapter[1]["config_hash"]},
             catalog=inputs["catalog"],
-            dim=dim,
             counts=counts,
             pca=cfg.embed.pca_dim or None,
             encoder=encoder,
-            previous=plan.previous,
-            carried_files=plan.carry and plan.carry.file_counts(),
         )
-        run.log_final({**counts, "rows": rows, "seconds": seconds, "items_per_s": plan.new / max(seconds, 1e-9)})
-        run.publish(pub)
+        version.run.log_final({**counts, "rows": rows, "seconds": seconds, "items_per_s": plan.new / max(seconds, 1e-9)})
     log.info("published %s: %s", out_uri, counts)
     return out_uri

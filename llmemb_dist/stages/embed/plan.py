@@ -7,15 +7,17 @@ import json
 import logging
 from dataclasses import dataclass
 
-from llmemb_dist import layout, storage
+from llmemb_dist import layout, storage, versions
+from llmemb_dist.blockio import CarryOver, Keys, table_keys
 from llmemb_dist.config import Config, ConfigError
 from llmemb_dist.data.catalog import text_hash
 from llmemb_dist.llm.loading import ModelSource
 from llmemb_dist.stages.embed import pca as embed_pca
-from llmemb_dist.blockio import CarryOver, Keys, carry_over, table_keys
 
 log = logging.getLogger(__name__)
 EMPTY_TEXT_HASH = text_hash([])  # the hash of an item with every attribute empty
+EMBEDDINGS = versions.Table(stage="embed", kind="embeddings", name="embeddings", what="embeddings",
+                            uri=layout.embeddings_uri)
 
 
 @dataclass
@@ -24,9 +26,11 @@ class Plan:
 
     catalog_files: list[str]
     keys: Keys  # of the whole catalog
-    previous: str | None = None
-    previous_manifest: dict | None = None
-    carry: CarryOver | None = None
+    previous: versions.Previous | None = None
+
+    @property
+    def carry(self) -> CarryOver | None:
+        return self.previous and self.previous.carry
 
     @property
     def reused(self) -> int:
@@ -85,27 +89,24 @@ def make_plan(cfg: Config, data_uri: str, data_manifest: dict, dim: int, encoder
     keys = table_keys(files, blank_hash=EMPTY_TEXT_HASH, lookups=bool(cfg.embed.incremental_from))
     if keys.blank is not None:
         raise storage.DataError(f"{data_uri} (catalog): item {keys.blank!r} has every attribute empty: nothing to embed")
-    plan = Plan(catalog_files=files, keys=keys)
-    if not cfg.embed.incremental_from:
-        return plan
-    prev_uri = layout.embeddings_uri(cfg, cfg.embed.incremental_from)
-    prev = storage.read_manifest(prev_uri)
-    if prev["dim"] != dim:
-        raise storage.DataError(
-            f"{prev_uri}: the previous version has dimension {prev['dim']}, this run gives {dim} "
-            f"(embed.pca_dim={cfg.embed.pca_dim}); incremental mode needs equal dimensions: run a full embedding"
-        )
-    if prev.get("encoder") != encoder:
-        # A scheduled re-embedding after a new SCFT adapter lands here: embed everything, do not fail.
-        log.warning("%s was embedded with another model, adapter or prompt: no vector can be reused, "
-                    "embedding every item", prev_uri)
-        return plan
-    plan.previous, plan.previous_manifest = prev_uri, prev
-    plan.carry = carry_over(keys, storage.table_files(prev_uri, "embeddings", prev))
-    return plan
+
+    def reusable(prev_uri: str, prev: dict) -> bool:
+        if prev["dim"] != dim:
+            raise storage.DataError(
+                f"{prev_uri}: the previous version has dimension {prev['dim']}, this run gives {dim} "
+                f"(embed.pca_dim={cfg.embed.pca_dim}); incremental mode needs equal dimensions: run a full embedding"
+            )
+        if prev.get("encoder") != encoder:
+            # A scheduled re-embedding after a new SCFT adapter lands here: embed everything, do not fail.
+            log.warning("%s was embedded with another model, adapter or prompt: no vector can be reused, "
+                        "embedding every item", prev_uri)
+            return False
+        return True
+
+    return Plan(catalog_files=files, keys=keys, previous=versions.previous_version(cfg, EMBEDDINGS, keys, reusable))
 
 
-def previous_pca(plan: Plan) -> dict | None:
-    if not plan.previous_manifest.get("pca"):
+def previous_pca(previous: versions.Previous) -> dict | None:
+    if not previous.manifest.get("pca"):
         return None
-    return embed_pca.from_bytes(storage.read_bytes(storage.join(storage.data_uri(plan.previous, plan.previous_manifest), embed_pca.PCA_FILE)))
+    return embed_pca.from_bytes(storage.read_bytes(storage.join(storage.data_uri(previous.uri, previous.manifest), embed_pca.PCA_FILE)))

@@ -75,22 +75,25 @@ def scft(cfg: Config) -> str:
     uri = layout.adapter_uri(cfg)
     if storage.already_published(uri, {"config_hash": stage_hash(cfg)}, "adapter", hint="use another scft.run"):
         return uri
-    engine_spec(cfg)  # a DeepSpeed fragment that cannot be used is refused before Ray starts
+    # Before Ray starts, so that a DeepSpeed fragment that cannot be used is refused first; the workers
+    # get this spec, so scft.deepspeed is read once a run.
+    spec = engine_spec(cfg)
     init_ray(cfg.ray, cfg.log.verbose)
     s = cfg.scft
     with tracking.stage_run(cfg, "scft", s.run) as run:
         shards = read_catalog_shards(cfg)
         result = ray_train.run_training(
-            train_worker, {"cfg": cfg}, name="checkpoints", storage_uri=layout.scft_run_uri(cfg),
+            train_worker, {"cfg": cfg, "spec": spec}, name="checkpoints", storage_uri=layout.scft_run_uri(cfg),
             num_workers=s.num_workers, use_gpu=s.use_gpu, cpus_per_worker=s.cpus_per_worker,
             max_failures=s.max_failures, worker_datasets=shards, on_report=run.steps("step"),
         )
         final = storage.join(layout.scft_run_uri(cfg), "checkpoints", ray_train.result_checkpoint_name(result))
-        publish_adapter(cfg, source, final, run)
+        publish_adapter(cfg, spec, source, final, run)
     return uri
 
 
-def publish_adapter(cfg: Config, source, checkpoint_uri: str, run: tracking.StageRun) -> None:
+def publish_adapter(cfg: Config, spec: ds_engine.EngineSpec, source, checkpoint_uri: str,
+                    run: tracking.StageRun) -> None:
     metrics = [json.loads(line) for line in storage.read_bytes(storage.join(checkpoint_uri, METRICS_FILE)).decode().splitlines()]
     steps = metrics[-1]["step"] if metrics else 0
     if steps != cfg.scft.steps:
@@ -112,7 +115,7 @@ def publish_adapter(cfg: Config, source, checkpoint_uri: str, run: tracking.Stag
         pub.info["steps"] = steps
         pub.info["final_loss"] = metrics[-1]["loss"]
         pub.info["workers"] = cfg.scft.num_workers
-        pub.info["deepspeed"] = ds_engine.deepspeed_config(engine_spec(cfg))  # what the engine ran with, before sizing
+        pub.info["deepspeed"] = ds_engine.deepspeed_config(spec)  # what the engine ran with, before sizing
         run.log_final({"steps": steps, "final_loss": metrics[-1]["loss"], "workers": cfg.scft.num_workers})
         run.publish(pub)
     log.info("published adapter %s (final loss %.4f after %d steps)", layout.adapter_uri(cfg), metrics[-1]["loss"], steps)

@@ -45,11 +45,11 @@ def _pad(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, width - x.size(1)))
 
 
-def build_contrastive_model(cfg: Config) -> tuple[ContrastiveModel, Any]:
-    """The model with LoRA attached (built partitioned under ZeRO-3) and its tokenizer."""
+def build_contrastive_model(cfg: Config, spec: ds_engine.EngineSpec) -> tuple[ContrastiveModel, Any]:
+    """The model with LoRA attached (built partitioned when `spec` is ZeRO-3) and its tokenizer."""
     source = resolve_model(cfg.model)
     torch.manual_seed(cfg.scft.seed)  # identical LoRA init on every rank
-    with ds_engine.model_init_context(engine_spec(cfg)):
+    with ds_engine.model_init_context(spec):
         encoder = PooledEncoder(attach_lora(load_backbone(source, cfg.model), cfg.model.lora), cfg.model.pooling)
     s = cfg.scft
     temperature = losses.Temperature(s.temperature_init, s.temperature_min, s.temperature_max)
@@ -57,7 +57,8 @@ def build_contrastive_model(cfg: Config) -> tuple[ContrastiveModel, Any]:
 
 
 def engine_spec(cfg: Config) -> ds_engine.EngineSpec:
-    """The one place the SCFT config becomes DeepSpeed settings."""
+    """The one place the SCFT config becomes DeepSpeed settings. The driver makes it once a run and hands
+    it to the workers: the user's fragment (scft.deepspeed, maybe remote) is read and checked once."""
     s = cfg.scft
     return ds_engine.EngineSpec(
         zero_stage=s.zero_stage, dtype=cfg.model.dtype, micro_batch=s.batch_size, lr=s.lr,

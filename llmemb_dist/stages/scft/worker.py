@@ -26,7 +26,7 @@ from llmemb_dist.llm.loading import tokenize
 from llmemb_dist.progress import Progress
 from llmemb_dist.stages.scft.batches import Views, batch_indices
 from llmemb_dist.stages.scft.memory import PeakMemory
-from llmemb_dist.stages.scft.model import ContrastiveModel, build_contrastive_model, engine_spec
+from llmemb_dist.stages.scft.model import ContrastiveModel, build_contrastive_model
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
@@ -52,16 +52,17 @@ def load_shard(rank: int) -> list[list[tuple[str, str]]]:
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     cfg: Config = loop_config["cfg"]
+    spec: ds_engine.EngineSpec = loop_config["spec"]  # made by the driver from cfg: no worker reads scft.deepspeed
     s = cfg.scft
     worker = ray_train.worker_info()
     rank = worker.rank
     items = load_shard(rank)
     memory = PeakMemory(s.use_gpu)
-    model, tokenizer = build_contrastive_model(cfg)
+    model, tokenizer = build_contrastive_model(cfg, spec)
     # Training memory: the engine, its buffers and the steps, over the (partitioned) model. Left out:
     # the load's transient peak, where rank 0 holds the whole checkpoint it streams into the slices.
     memory.reset()
-    engine = ds_engine.build_engine(model, engine_spec(cfg))
+    engine = ds_engine.build_engine(model, spec)
     device = engine.device
     views = Views(items, cfg.model.instruction, s.drop_ratio, s.augmentation, s.seed, rank)
 
