@@ -83,7 +83,7 @@ def validation_scores(model: SeqRecommender, table: torch.Tensor, data: Sequence
         best.append(scores.masked_fill(chosen, -torch.inf).topk(k, dim=1).values)
         users_all.append(users)
         for inp in batch:
-            cols = column[torch.as_tensor(inp, dtype=torch.long)]
+            cols = column[torch.tensor(inp, dtype=torch.long)]  # a copy: Ray hands read-only arrays
             seen.append(cols[cols >= 0])
     return ValidationScores(torch.cat(best), torch.cat(trained), torch.cat(users_all), text_side, text, seen, k)
 

@@ -58,11 +58,12 @@ def head_items(popularity: np.ndarray, fraction: float) -> np.ndarray:
     return head
 
 
-def sample_negatives(data: Sequences, count: int, rng: np.random.Generator) -> np.ndarray:
-    """`count` distinct items per user, drawn uniformly from the items the user never touched."""
+def sample_negatives(data: Sequences, count: int, rng: np.random.Generator, warn: bool = True) -> np.ndarray:
+    """`count` distinct items per user, drawn uniformly from the items the user never touched; `warn` logs how
+    many users have fewer than that to draw from."""
     out = np.zeros((len(data.seqs), count), dtype=np.int64)
     short = sum(data.num_items - len(np.unique(seq)) < count for seq in data.seqs)
-    if short:
+    if short and warn:
         log.warning("%d of %d users touched so many items that fewer than %d are left to sample as negatives: "
                     "they are ranked among all they did not touch", short, len(data.seqs), count)
     for u, seq in enumerate(data.seqs):
@@ -85,14 +86,16 @@ def check_negatives(data: Sequences, cfg: EvalConfig) -> None:
                         f"the sampled protocol needs fewer negatives than items (at most {data.num_items - 1})")
 
 
-def make_split(data: Sequences, name: str, cfg: EvalConfig) -> EvalSplit:
+def make_split(data: Sequences, name: str, cfg: EvalConfig, warn: bool = True) -> EvalSplit:
+    """The split's users with their negatives; `warn`: say how many users leave too few items to sample (the
+    same count for every split of one dataset, so one split of a run says it)."""
     check_negatives(data, cfg)
     inputs, targets = data.split(name)
     rng = np.random.default_rng([cfg.seed, {"valid": 0, "test": 1}[name]])
     head = head_items(data.train_popularity(), cfg.head_fraction)
     train_lens = np.array([len(data.train(u)) for u in range(len(data.seqs))])
     return EvalSplit(
-        name=name, inputs=inputs, targets=targets, negatives=sample_negatives(data, cfg.num_negatives, rng),
+        name=name, inputs=inputs, targets=targets, negatives=sample_negatives(data, cfg.num_negatives, rng, warn),
         head=head[targets], short=train_lens <= cfg.short_user_max_len,
     )
 

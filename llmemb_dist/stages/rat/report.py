@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from llmemb_dist.plots import integer_ticks, plt, save
+from llmemb_dist.stages.rat import significance
 
 GROUPS = ("overall", "head", "tail", "short", "long")
 
@@ -27,7 +28,8 @@ def strongest_markdown(comparison: dict[str, Any] | None) -> str:
     if not comparison:
         return "(no baseline to compare with: the main model is the ID-only one)"
     rows = []
-    for group, values in comparison["groups"].items():
+    for group in significance.GROUPS:  # a manifest's JSON has its keys sorted
+        values = comparison["groups"][group]
         ratio = values["ratio"]
         rows.append({"group": group, comparison["model"]: values["model"], comparison["baseline"]: values["baseline"],
                      "ratio": "-" if ratio is None else f"{ratio:.3f}x", "paired p": f"{values['p_value']:.4f}",
@@ -38,6 +40,16 @@ def strongest_markdown(comparison: dict[str, Any] | None) -> str:
     for row in rows:
         lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
     return head + "\n".join(lines)
+
+
+def strongest_line(comparison: dict[str, Any] | None) -> str:
+    """The comparison with the strongest baseline in one line, for the log."""
+    if not comparison:
+        return "no baseline to compare with (the main model is the ID-only one)"
+    groups = comparison["groups"]
+    ratios = ", ".join(f"{g} {'-' if groups[g]['ratio'] is None else format(groups[g]['ratio'], '.3f') + 'x'} "
+                       f"(p {groups[g]['p_value']:.4f})" for g in significance.GROUPS)
+    return f"{comparison['model']} against the strongest baseline, {comparison['baseline']}: test NDCG@10 {ratios}"
 
 
 def metrics_markdown(metrics: dict[str, Any]) -> str:

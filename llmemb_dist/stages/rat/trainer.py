@@ -157,8 +157,9 @@ def fit(
     # The fused kernel: the same update as the default per-tensor loop, which costs a large share of a CPU
     # step over this many small tensors (bench/rat_bench.py keeps the epoch times).
     optimizer = torch.optim.Adam(model.parameters(), lr=rcfg.lr, fused=True)
-    valid_split = sample_users(make_split(data, "valid", rcfg.eval), rcfg.eval.valid_users, rcfg.eval.seed)
-    test_split = make_split(data, "test", rcfg.eval)
+    valid_split = sample_users(make_split(data, "valid", rcfg.eval, warn=rank == 0), rcfg.eval.valid_users,
+                               rcfg.eval.seed)
+    test_split = make_split(data, "test", rcfg.eval, warn=False)
     seqs = [s for s in train_inputs(data, rcfg.max_len) if len(s) >= 2]  # one input and one target at least
     lengths = np.array([len(s) for s in seqs])
     steps_per_epoch = math.ceil(len(bucketed_batches(lengths, rcfg.batch_size, np.random.default_rng([rcfg.seed, 0]))) / world)
