@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from llmemb_dist.config import Config, ConfigError, config_hash, load_config, split_argv, to_yaml
+from llmemb_dist.config import Config, ConfigError, config_hash, key_help, load_config, split_argv, to_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,3 +82,10 @@ def test_storage_join_refuses_to_climb_out_of_its_base():
     assert storage.join("s3://b/root", "rat", "run") == "s3://b/root/rat/run"
     with pytest.raises(storage.StorageError, match="would leave"):
         storage.join("s3://b/root", "datasets", "../../escaped")
+
+
+def test_every_key_has_help_in_its_field_metadata():
+    rows = key_help()
+    assert len(rows) > 90
+    missing = [key for key, _kind, _default, meaning in rows if not meaning.strip()]
+    assert not missing, f"config keys without a help= in their field metadata: {missing}"
