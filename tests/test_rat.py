@@ -10,12 +10,12 @@ import torch
 from llmemb_dist import storage
 from llmemb_dist.config import ConfigError, load_config
 from llmemb_dist.stages.rat.evaluate import evaluate, make_split, popularity_scorer
-from llmemb_dist.data.embeddings import vectors_of
+from llmemb_dist.data.embeddings import load_llm_table, vectors_of
 from llmemb_dist.stages.embed.actor import EmbedActor
 from llmemb_dist.layout import dataset_uri, rat_result_uri
 from llmemb_dist.stages.prepare.driver import prepare
 from llmemb_dist.stages.rat.driver import rat
-from llmemb_dist.stages.rat.inputs import load_llm_table, load_sequences
+from llmemb_dist.stages.rat.inputs import load_sequences
 from llmemb_dist.stages.rat.objective import check_objective_fits
 from llmemb_dist.stages.rat.trainer import TrainingDiverged, evaluate_shared, fit
 from llmemb_dist.stages.rat.worker import train_variant

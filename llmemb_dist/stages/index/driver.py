@@ -14,7 +14,8 @@ import time
 
 from llmemb_dist import layout, storage, tracking
 from llmemb_dist.config import Config, config_hash, to_dict
-from llmemb_dist.stages.index import artifact, kinds, users
+from llmemb_dist.data import index_files
+from llmemb_dist.stages.index import kinds, users
 
 log = logging.getLogger(__name__)
 ITEMS = "item_embeddings"  # the adapted version's table
@@ -23,7 +24,7 @@ K = 10  # the cut-off of the recall check: the top 10 a recommender shows
 
 def index(cfg: Config) -> str:
     """Publishes the index over `layout.index_input_adapted_uri(cfg)`; returns its URI."""
-    from llmemb_dist.api import Recommender
+    from llmemb_dist.recommender import Recommender
 
     out_uri, adapted_uri = layout.index_uri(cfg), layout.index_input_adapted_uri(cfg)
     adapted = storage.read_manifest(adapted_uri)
@@ -56,7 +57,7 @@ def index(cfg: Config) -> str:
     with tracking.stage_run(cfg, "index", cfg.index.version) as run, storage.publish(
             out_uri, kind="index", config=to_dict(cfg), config_hash=config_hash(cfg.index), inputs=inputs,
             overwrite=cfg.index.replace) as pub:
-        artifact.write(pub, built, recommender.item_ids)
+        index_files.write(pub, built, recommender.item_ids)
         pub.info.update(index=params, text_weight=recommender.model.text_weight, **figures)
         run.log_final(figures)
         run.publish(pub)

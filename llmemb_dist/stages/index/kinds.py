@@ -1,5 +1,5 @@
 """The index kinds and how each is built: exact inner product, HNSW, IVF; faiss imported only here and in
-the artifact reader, so the rest of the package runs without it."""
+the index files' reader (data/index_files.py), so the rest of the package runs without it."""
 from __future__ import annotations
 
 from typing import Any

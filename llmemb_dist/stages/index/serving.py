@@ -30,7 +30,7 @@ class Served:
 def load(uri: str) -> Served:
     """The recommender of the index published at `uri`, with the version it is; again if one was published
     while it loaded."""
-    from llmemb_dist.api import Recommender
+    from llmemb_dist.recommender import Recommender
 
     while True:
         manifest = storage.read_manifest(uri)

@@ -20,7 +20,7 @@ import pyarrow as pa
 from llmemb_dist import layout, storage, tracking
 from llmemb_dist.config import Config, RatConfig, config_hash, to_dict
 from llmemb_dist.distributed.cluster import init_ray
-from llmemb_dist.data.embeddings import embeddings_table
+from llmemb_dist.data.embeddings import embeddings_table, load_llm_table
 from llmemb_dist.data.sequences import Sequences
 from llmemb_dist.srs import SeqRecommender
 from llmemb_dist.srs.placement import NEW_ITEM_SCALE, ItemPlacement
@@ -28,7 +28,7 @@ from llmemb_dist.stages.rat import report, significance
 from llmemb_dist.stages.rat.calibrate import calibrated_placement
 from llmemb_dist.stages.rat.cold import cold_start_report
 from llmemb_dist.stages.rat.evaluate import EvalSplit, check_negatives, make_split, sample_users
-from llmemb_dist.stages.rat.inputs import catalog_text_hashes, load_cold_split, load_llm_table, load_sequences
+from llmemb_dist.stages.rat.inputs import catalog_text_hashes, load_cold_split, load_sequences
 from llmemb_dist.stages.rat.objective import check_objective_fits
 from llmemb_dist.stages.rat.references import reference_results
 from llmemb_dist.stages.rat.trainer import FitResult
