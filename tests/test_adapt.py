@@ -50,6 +50,7 @@ def trained(tmp_path_factory, s3_server):
     return cfg, ids, hashes, vectors
 
 
+@pytest.mark.slow
 def test_adapt_on_rats_own_embeddings_reproduces_its_item_table_bit_for_bit(trained):
     cfg, ids, _, _ = trained
     cfg = load_config(None, [f"root={cfg.root}", *SETTINGS, "adapt.version=same", "adapt.embeddings=v1"])
@@ -63,6 +64,7 @@ def test_adapt_on_rats_own_embeddings_reproduces_its_item_table_bit_for_bit(trai
     assert manifest["inputs"]["rat"]["uri"] == rat_result_uri(cfg) and manifest["inputs"]["embeddings"]["uri"].endswith("v1")
 
 
+@pytest.mark.slow
 def test_new_and_changed_items_are_placed_and_an_incremental_run_computes_only_them(trained):
     cfg, ids, hashes, vectors = trained
     rng = np.random.default_rng(1)

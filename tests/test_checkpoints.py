@@ -73,6 +73,7 @@ def test_a_planted_pickle_is_never_loaded(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_rat_reads_its_checkpoints_and_a_payload_planted_in_them_never_runs(tmp_path, s3_server):
     start_local_ray()
     settings = [f"root={tmp_path / 'runs'}", "dataset.max_items=60", "rat.max_len=20", "rat.hidden=16", "rat.patience=5",

@@ -86,6 +86,7 @@ SETTINGS = ["dataset.max_items=60", "rat.max_len=20", "rat.hidden=16", "rat.adap
             "rat.eval.num_negatives=20", "rat.loss=ce", "rat.cold.enabled=true", "rat.cold.fraction=0.2"]
 
 
+@pytest.mark.slow
 def test_rat_with_a_cold_split_scores_cold_items_as_adapt_places_them(tmp_path, s3_server):
     start_local_ray()
     cfg = load_config(None, [f"root={tmp_path}", *SETTINGS])

@@ -254,6 +254,7 @@ def test_incremental_with_another_dimension_is_refused(ray_local, tmp_path):
     assert storage.read_manifest(previous) == before  # the previous version is untouched
 
 
+@pytest.mark.slow
 def test_incremental_after_a_new_encoder_embeds_every_item(ray_local, tmp_path, caplog):
     """A scheduled re-embedding right after a new SCFT adapter must not fail: nothing is reusable."""
     root = str(tmp_path / "runs")

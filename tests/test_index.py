@@ -172,6 +172,7 @@ def post(url, body):
         return e.code, json.loads(e.read())
 
 
+@pytest.mark.slow
 def test_ray_serve_answers_over_http_and_reloads_a_republished_index_without_dropping_requests(published):
     from ray import serve
 

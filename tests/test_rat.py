@@ -153,6 +153,7 @@ def test_a_diverged_model_stops_with_one_error_naming_the_epoch_and_the_model(ml
         fit(model, data, rcfg, name="rat sasrec-id")
 
 
+@pytest.mark.slow
 def test_a_diverged_rat_run_is_one_clear_error_and_publishes_nothing(ray_local, tmp_path):
     cfg = load_config(None, [f"root={tmp_path}", "rat.item_repr=id", "rat.lr=1.0e+30", "rat.epochs=2"] + FAST[:2])
     prepare(cfg)
