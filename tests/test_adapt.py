@@ -35,12 +35,10 @@ def by_id(table: pa.Table) -> dict[str, np.ndarray]:
     return dict(zip(table.column("item_id").to_pylist(), vectors_of(table)))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, s3_server):
-    """RAT trained (llm_id, 2 epochs) on 60 ml-100k items with a fixed random LLM table as embeddings version v1."""
+def train_on_random_embeddings(root, settings: list[str]):
+    """RAT trained on ml-100k items with a fixed random LLM table (DIM wide) as embeddings version v1."""
     start_local_ray()
-    root = tmp_path_factory.mktemp("runs")
-    cfg = load_config(None, [f"root={root}", *SETTINGS])
+    cfg = load_config(None, [f"root={root}", *settings])
     prepare(cfg)
     catalog = storage.read_table(dataset_uri(cfg), "catalog")
     ids, hashes = catalog.column("item_id").to_pylist(), catalog.column("text_hash").to_pylist()
@@ -48,6 +46,12 @@ def trained(tmp_path_factory, s3_server):
     publish_embeddings(cfg, "v1", ids, hashes, vectors)
     rat(cfg)
     return cfg, ids, hashes, vectors
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, s3_server):
+    """RAT trained (llm_id, 2 epochs) on 60 ml-100k items with a fixed random LLM table as embeddings version v1."""
+    return train_on_random_embeddings(tmp_path_factory.mktemp("runs"), SETTINGS)
 
 
 @pytest.mark.slow

@@ -9,22 +9,19 @@ import urllib.error
 import urllib.request
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from llmemb_dist import storage
 from llmemb_dist.api import Recommender
 from llmemb_dist.cli import main
 from llmemb_dist.config import ConfigError, load_config
-from llmemb_dist.data.embeddings import embeddings_table
-from llmemb_dist.layout import adapted_uri, dataset_uri, embeddings_uri, index_uri, rat_result_uri
+from llmemb_dist.layout import adapted_uri, index_uri, rat_result_uri
 from llmemb_dist.stages.adapt.driver import adapt
 from llmemb_dist.stages.index import kinds, serving, users
 from llmemb_dist.stages.index.driver import index
-from llmemb_dist.stages.prepare.driver import prepare
-from llmemb_dist.stages.rat.driver import rat
 
-from conftest import REPO, free_port, start_local_ray
+from conftest import REPO, free_port
+from test_adapt import train_on_random_embeddings
 
 DIM, HIDDEN = 8, 16
 SETTINGS = ["dataset.max_items=60", "rat.max_len=20", f"rat.hidden={HIDDEN}", "rat.adapter_hidden=24", "rat.epochs=2",
@@ -36,17 +33,7 @@ SETTINGS = ["dataset.max_items=60", "rat.max_len=20", f"rat.hidden={HIDDEN}", "r
 @pytest.fixture(scope="module")
 def published(tmp_path_factory, s3_server):
     """RAT (llm_id, text channel on) on 60 ml-100k items over a random LLM table, adapted as version `today`."""
-    start_local_ray()
-    root = tmp_path_factory.mktemp("runs")
-    cfg = load_config(None, [f"root={root}", *SETTINGS])
-    prepare(cfg)
-    catalog = storage.read_table(dataset_uri(cfg), "catalog")
-    ids = catalog.column("item_id").to_pylist()
-    vectors = np.random.default_rng(0).normal(size=(len(ids), DIM)).astype(np.float32)
-    with storage.publish(embeddings_uri(cfg, "v1"), kind="embeddings", config={}, config_hash="test") as pub:
-        pub.write_table("embeddings", embeddings_table(pa.array(ids, pa.string()), catalog.column("text_hash"), vectors))
-        pub.info.update(dim=DIM, encoder="enc-a", base_model={"path": "base-a", "fingerprint": "base-a"})
-    rat(cfg)
+    cfg, *_ = train_on_random_embeddings(tmp_path_factory.mktemp("runs"), SETTINGS)
     adapt(cfg)
     return cfg
 
