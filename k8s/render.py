@@ -130,7 +130,7 @@ def _env(v: dict[str, Any]) -> list[dict[str, Any]]:
         secret("AWS_ACCESS_KEY_ID"),
         secret("AWS_SECRET_ACCESS_KEY"),
         secret("AWS_ENDPOINT_URL_S3", optional=True),  # set it in the Secret for MinIO and other S3-compatible stores
-        secret("LLMEMB_CHECKPOINT_KEY", optional=True),  # signs SCFT checkpoint digests (README: checkpoints)
+        secret("LLMEMB_CHECKPOINT_KEY", optional=True),  # signs SCFT checkpoint digests (docs/operations.md, Security)
         {"name": "AWS_REGION", "value": v["aws_region"]},
     ] + ([{"name": "MLFLOW_TRACKING_URI", "value": v["mlflow_uri"]}] if v["mlflow_uri"] else [])
 
