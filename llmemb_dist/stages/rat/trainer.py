@@ -178,10 +178,11 @@ def fit(
         batches = bucketed_batches(lengths, rcfg.batch_size, np.random.default_rng([rcfg.seed, epoch]))
         steps = math.ceil(len(batches) / world)  # equal steps on every worker, or DDP hangs
         mine = [batches[(rank + world * i) % len(batches)] for i in range(steps)]
-        generator = torch.Generator().manual_seed(rcfg.seed * 1_000_003 + epoch * 101 + rank)
+        epoch_seed = rcfg.seed * 1_000_003 + epoch * 101 + rank
+        generator = torch.Generator().manual_seed(epoch_seed)
         # Dropout draws from the global generator: seeded per epoch too, so that a run resumed at any epoch
         # continues exactly as the run it resumes would have.
-        torch.manual_seed(rcfg.seed * 1_000_003 + epoch * 101 + rank)
+        torch.manual_seed(epoch_seed)
         objective.train()
         total = 0.0
         step_progress = Progress(log, f"{name} epoch {epoch + 1} step", len(mine), quiet_start=True)
