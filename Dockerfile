@@ -22,9 +22,10 @@ RUN pip install --no-cache-dir --no-build-isolation "deepspeed==${DEEPSPEED_VERS
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users llmemb_dist ./llmemb_dist
 # Ray stays at the image's version; torch and deepspeed stay as installed above.
-RUN pip install --no-cache-dir . "ray[train,data,default]==${RAY_VERSION}" \
+RUN pip install --no-cache-dir . "ray[train,data,default,serve]==${RAY_VERSION}" \
         "torch==${TORCH_VERSION}" "deepspeed==${DEEPSPEED_VERSION}"
 
-# The launch scripts and configs are the RayJob entrypoints' working_dir (see k8s/render.py).
+# The launch scripts and configs are the RayJob entrypoints' working_dir; the RayService reads its
+# config file here too (k8s/render.py).
 COPY --chown=ray:users launch ./launch
 COPY --chown=ray:users configs ./configs

@@ -2,16 +2,17 @@
 
     python k8s/render.py scft | kubectl create -f -
     python k8s/render.py refresh | kubectl apply -f -
-    python k8s/render.py [--values k8s/values.yaml] {prepare|scft|rat|refresh|refresh-raycronjob|all}
+    python k8s/render.py [--values k8s/values.yaml] {prepare|scft|rat|refresh|refresh-raycronjob|serve|all}
 
-The Ray clusters (import, SCFT, RAT, the scheduled refresh and its RayCronJob twin)
-share one pod shape, so they are built here from one function instead of copies of
-the same YAML that would drift apart.
+The Ray clusters (import, SCFT, RAT, the scheduled refresh and its RayCronJob twin, the
+top-k RayService) share one pod shape, so they are built here from one function instead
+of copies of the same YAML that would drift apart.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import posixpath
 import re
 import sys
 from dataclasses import dataclass
@@ -20,11 +21,16 @@ from typing import Any, Union
 
 import yaml
 
-from llmemb_dist.config import ConfigError, bounded, load_typed
+from llmemb_dist.config import ConfigError, bounded, load_typed, name
 
 HERE = Path(__file__).resolve().parent
 GPU = "nvidia.com/gpu"
 RAY_UID, RAY_GID = 1000, 100  # user `ray` and group `users` of the rayproject/ray images
+IMAGE_REPO = "/home/ray/llmemb-dist"  # where the Dockerfile puts the repo (launch scripts, configs)
+# The Ray Serve application of the RayService: llmemb_dist/stages/index/serving.py's name, builder and
+# deployment (the class's name), on the port KubeRay's serve Service forwards by default.
+SERVE_APP, SERVE_BUILDER = "llmemb-topk", "llmemb_dist.stages.index.serving:app"
+SERVE_DEPLOYMENT, SERVE_PORT = "TopK", 8000
 # Placeholders of the refresh RayJob template that the CronJob pod fills at run time: the new version,
 # the embeddings version it re-embeds from, and the adapted version it adapts from (empty: every item).
 VERSION_SLOT, PREVIOUS_SLOT, ADAPT_FROM_SLOT = "@VERSION@", "@INCREMENTAL_FROM@", "@ADAPT_FROM@"
@@ -88,6 +94,13 @@ class RefreshPods(Pods):
 
 
 @dataclass
+class ServePods(Pods):
+    index_version: str = name("live")  # the index version every refresh republishes and the endpoint serves
+    replicas: int = bounded(2, low=1)  # Ray Serve replicas of the top-k deployment, each with the whole index
+    cpus_per_replica: float = bounded(2.0, low=0.0, low_open=True)
+
+
+@dataclass
 class Values:
     namespace: str
     image: str
@@ -105,6 +118,7 @@ class Values:
     scft: Pods
     rat: RatPods
     refresh: RefreshPods
+    serve: ServePods
 
 
 def load_values(path: Path = HERE / "values.yaml", overrides: list[str] = ()) -> dict[str, Any]:
@@ -190,7 +204,7 @@ def rayjob_spec(v: dict[str, Any], stage: dict[str, Any], command: str, deadline
     return {
         "entrypoint": command,
         # The image holds the repo; its path as working_dir makes `launch/...` resolve on the head and workers.
-        "runtimeEnvYAML": "working_dir: /home/ray/llmemb-dist\n",
+        "runtimeEnvYAML": f"working_dir: {IMAGE_REPO}\n",
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": 600,  # keep the finished cluster 10 minutes for logs, then free the GPUs
         "activeDeadlineSeconds": deadline_hours * 3600,
@@ -247,8 +261,9 @@ def prepare(v: dict[str, Any]) -> list[dict[str, Any]]:
 
 def refresh_command(v: dict[str, Any], version: str, previous: str, adapt_from: str) -> str:
     """The daily chain as one entrypoint: import the day's catalog, re-embed it incrementally from
-    `previous`, adapt it incrementally from `adapt_from`. Each step publishes or skips what is already
-    published, so a retried RayJob picks up where the failed one stopped."""
+    `previous`, adapt it incrementally from `adapt_from`, index the adapted version as the one version
+    the RayService serves (replaced, so that its replicas reload it). Each step publishes or skips what
+    is already published, so a retried RayJob picks up where the failed one stopped."""
     r = v["refresh"]
     dataset = f"dataset.name={r['dataset_prefix']}-{version}"
     # One embedding actor per GPU; a cluster without GPUs (a small catalog) keeps the config's CPU actors.
@@ -258,6 +273,8 @@ def refresh_command(v: dict[str, Any], version: str, previous: str, adapt_from: 
         entrypoint(v, "embed", dataset, f"embed.version={version}", f"embed.incremental_from={previous}", *actors),
         entrypoint(v, "adapt", f"adapt.embeddings={version}", f"adapt.version={version}",
                    f"adapt.incremental_from={adapt_from}"),
+        entrypoint(v, "index", f"index.adapted={version}", f"index.version={v['serve']['index_version']}",
+                   "index.replace=true"),
     ])
 
 
@@ -336,7 +353,34 @@ def refresh_raycronjob(v: dict[str, Any]) -> list[dict[str, Any]]:
     }]
 
 
-TARGETS = {"prepare": prepare, "scft": scft, "rat": rat, "refresh": refresh, "refresh-raycronjob": refresh_raycronjob}
+def serve(v: dict[str, Any]) -> list[dict[str, Any]]:
+    """The top-k endpoint: a RayService running the Ray Serve app over the index version each refresh
+    republishes. A new index version is picked up by the replicas themselves (they watch its manifest);
+    KubeRay's own blue-green upgrade (a new cluster, traffic moved once it is ready) is for a new image
+    or pod spec."""
+    s = v["serve"]
+    serve_config = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
+        "applications": [{
+            "name": SERVE_APP,
+            "route_prefix": "/",
+            "import_path": SERVE_BUILDER,
+            # The config by its path in the image: Serve takes no local working_dir to resolve a relative one.
+            "args": {"config": posixpath.join(IMAGE_REPO, v["config"]),
+                     "overrides": [f"root=s3://{v['bucket']}/{v['prefix']}", f"index.version={s['index_version']}"]},
+            "deployments": [{"name": SERVE_DEPLOYMENT, "num_replicas": s["replicas"],
+                             "ray_actor_options": {"num_cpus": s["cpus_per_replica"]}}],
+        }],
+    }
+    spec = {"serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False, width=4096),
+            "rayClusterConfig": cluster_spec(v, s)}
+    return [{"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": _meta(v, "llmemb-serve", "serve"),
+             "spec": spec}]
+
+
+TARGETS = {"prepare": prepare, "scft": scft, "rat": rat, "refresh": refresh, "refresh-raycronjob": refresh_raycronjob,
+           "serve": serve}
 
 
 def render(target: str, values: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """The whole system on one config: python launch/pipeline.py configs/default.yaml [key=value ...]
 
-prepare -> SCFT -> embed -> RAT, each stage skipped when its output is already published
-from the same config and inputs; prints where the embeddings are and the ID vs LLMEmb table.
+prepare -> SCFT -> embed -> RAT (then adapt -> index with pipeline.index=true), each stage skipped when
+its output is already published from the same config and inputs; prints where the embeddings are and
+the ID vs LLMEmb table.
 """
 import sys
 

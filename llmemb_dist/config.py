@@ -352,6 +352,14 @@ class IndexConfig:
 
 
 @dataclass
+class PipelineConfig:
+    index: bool = option(
+        False, help="after rat, also run adapt (every catalog item of embed.version, as adapt.version) and index "
+        "(index.version) so that launch/serve.py serves the catalog at once; false: the pipeline ends at RAT's "
+        "evaluated item table, and the daily refresh (or launch/adapt.py, launch/index.py) indexes a catalog version")
+
+
+@dataclass
 class CleanupConfig:
     grace_hours: float = bounded(
         24.0, low=0.0,
@@ -393,6 +401,7 @@ class Config:
     rat: RatConfig = field(default_factory=RatConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     index: IndexConfig = field(default_factory=IndexConfig, metadata=ADDED)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig, metadata=ADDED)
     cleanup: CleanupConfig = field(default_factory=CleanupConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     log: LogConfig = field(default_factory=LogConfig, metadata=ADDED)  # what a run prints; changes no output

@@ -1,5 +1,6 @@
 """The index stage: an exact index answers top_k as the full scan does, HNSW and IVF find the true top 10,
-the manifest records what the index is, a rerun reuses it, and a mismatched index or bad config is refused."""
+the manifest records what the index is, a rerun reuses it, a new item placed by adapt is served for its
+text neighbours, the pipeline indexes only when asked, and a mismatched index or bad config is refused."""
 import dataclasses
 import json
 import shutil
@@ -15,13 +16,15 @@ from llmemb_dist import storage
 from llmemb_dist.api import Recommender
 from llmemb_dist.cli import main
 from llmemb_dist.config import ConfigError, load_config
-from llmemb_dist.layout import adapted_uri, index_uri, rat_result_uri
+from llmemb_dist.data.embeddings import vectors_of
+from llmemb_dist.layout import adapted_uri, embeddings_uri, index_uri, rat_result_uri
 from llmemb_dist.stages.adapt.driver import adapt
 from llmemb_dist.stages.index import kinds, serving, users
 from llmemb_dist.stages.index.driver import index
+from llmemb_dist.stages.pipeline import pipeline, stages
 
 from conftest import REPO, free_port
-from test_adapt import train_on_random_embeddings
+from test_adapt import publish_embeddings, train_on_random_embeddings
 
 DIM, HIDDEN = 8, 16
 SETTINGS = ["dataset.max_items=60", "rat.max_len=20", f"rat.hidden={HIDDEN}", "rat.adapter_hidden=24", "rat.epochs=2",
@@ -117,6 +120,30 @@ def test_an_index_of_another_adapted_version_or_rat_result_is_refused(published,
     assert not storage.is_published(index_uri(stale))
 
 
+def test_a_new_item_placed_by_adapt_is_served_for_a_history_of_its_text_neighbours(published):
+    """Today's catalog holds an item RAT never trained on: adapt places it from its LLM vector alone, the
+    index holds it, and what the endpoint answers with returns it for a history of the items whose text is
+    closest to its own, and not for one of the items farthest from it."""
+    trained = storage.read_table(embeddings_uri(published, "v1"), "embeddings")
+    ids, hashes, vectors = trained.column("item_id").to_pylist(), trained.column("text_hash").to_pylist(), vectors_of(trained)
+    rng = np.random.default_rng(7)
+    new = vectors[5] + 0.3 * np.linalg.norm(vectors[5]) * rng.normal(size=DIM) / np.sqrt(DIM)  # text near item 5's
+    publish_embeddings(published, "today-new", ids + ["new-item"], hashes + ["h-new"], np.vstack([vectors, new]))
+    adapt(config(published, "adapt.version=today-new", "adapt.embeddings=today-new"))
+    uri = index(config(published, "index.version=today-new", "index.adapted=today-new", "index.kind=hnsw", "index.m=8"))
+    assert "new-item" not in storage.read_table(rat_result_uri(published), "item_embeddings").column("item_id").to_pylist()
+
+    cosine = vectors @ new / np.linalg.norm(vectors, axis=1) / np.linalg.norm(new)
+    nearest, farthest = [ids[k] for k in np.argsort(-cosine)[:3][::-1]], [ids[k] for k in np.argsort(cosine)[:3]]
+    served = serving.load(uri).recommender  # what the Ray Serve app answers with, found from the index alone
+    assert served.index is not None and "new-item" in served.item_ids
+    top = served.top_k(nearest, 10)  # oldest first: the closest text last
+    full = Recommender.from_publication(rat_result_uri(published), items=adapted_uri(published, "today-new"))
+    assert "new-item" in [item for item, _ in top]
+    assert [item for item, _ in top] == [item for item, _ in full.top_k(nearest, 10)]
+    assert "new-item" not in [item for item, _ in served.top_k(farthest, 10)]
+
+
 def test_hnsw_and_ivf_find_the_true_top_10_of_20000_random_vectors():
     rng = np.random.default_rng(0)
     items, queries = rng.normal(size=(20_000, 32)).astype(np.float32), rng.normal(size=(200, 32)).astype(np.float32)
@@ -148,6 +175,18 @@ def test_bad_index_config_is_refused_by_key_name(published, capsys):
     assert main("index", index, [str(REPO / "configs" / "default.yaml"), *argv]) == 2
     assert "index.nlist 100 is more than its 60 items" in capsys.readouterr().err
     assert not storage.is_published(index_uri(config(published, "index.version=too-many-cells")))
+
+
+def test_the_pipeline_adapts_and_indexes_only_with_pipeline_index(tmp_path, capsys):
+    def names(*overrides):
+        return [name for name, _ in stages(load_config(None, list(overrides)))]
+
+    assert names() == ["prepare", "scft", "embed", "rat"]
+    assert names("pipeline.index=true") == ["prepare", "scft", "embed", "rat", "adapt", "index"]
+    # A model with no text side cannot adapt the catalog: refused before any stage runs or Ray starts.
+    assert main("pipeline", pipeline, [str(REPO / "configs" / "default.yaml"), f"root={tmp_path}",
+                                       "pipeline.index=true", "rat.item_repr=id"]) == 2
+    assert "pipeline.index=true needs rat.item_repr with a text side" in capsys.readouterr().err
 
 
 def post(url, body):

@@ -1,7 +1,8 @@
 """Offline checks of the KubeRay manifests that k8s/render.py makes from k8s/values.yaml.
 
 KubeRay objects validate against the CRD schemas vendored in k8s/schemas in strict mode
-(unknown fields rejected, see that folder's README); native kinds with kubernetes-validate.
+(unknown fields rejected, see that folder's README); native kinds with kubernetes-validate; the
+RayService's Serve config with Ray Serve's own schema.
 """
 from __future__ import annotations
 
@@ -21,10 +22,13 @@ import pytest
 import yaml
 
 from conftest import REPO
-from llmemb_dist.config import load_config
+from llmemb_dist import layout
+from llmemb_dist.config import ConfigError, load_config
+from llmemb_dist.stages.index import serving
 
 SCHEMAS = REPO / "k8s" / "schemas"
-KUBERAY_SCHEMAS = {"RayJob": "rayjob.ray.io_v1.json", "RayCronJob": "raycronjob.ray.io_v1.json"}
+KUBERAY_SCHEMAS = {"RayJob": "rayjob.ray.io_v1.json", "RayCronJob": "raycronjob.ray.io_v1.json",
+                   "RayService": "rayservice.ray.io_v1.json"}
 KUBERNETES_VERSION = "1.30"  # the oldest release these manifests support (CronJob timeZone is GA since 1.27)
 
 _spec = importlib.util.spec_from_file_location("k8s_render", REPO / "k8s" / "render.py")
@@ -92,11 +96,17 @@ def rayjob_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, An
     yield "cronjob-template", refresh_template(docs, "20260101-0300", "20251231-0300", "20251231-0300")["spec"]
 
 
+def ray_clusters(docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every Ray cluster spec the manifests start: each RayJob's, and the RayService's."""
+    yield from (spec["rayClusterSpec"] for _, spec in rayjob_specs(docs))
+    yield from (doc["spec"]["rayClusterConfig"] for doc in docs if doc["kind"] == "RayService")
+
+
 def pod_specs(docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for _, spec in rayjob_specs(docs):
-        cluster = spec["rayClusterSpec"]
+    for cluster in ray_clusters(docs):
         yield cluster["headGroupSpec"]["template"]["spec"]
         yield from (group["template"]["spec"] for group in cluster["workerGroupSpecs"])
+    for _, spec in rayjob_specs(docs):
         yield spec["submitterPodTemplate"]["spec"]
     for doc in docs:
         if doc["kind"] == "CronJob":
@@ -115,19 +125,22 @@ def test_kuberay_objects_validate_strictly(doc):
     kuberay_validator(doc["kind"]).validate(doc)
 
 
-def test_cronjob_rayjob_template_renders_to_a_valid_rayjob_that_imports_embeds_and_adapts():
+def test_cronjob_rayjob_template_renders_to_a_valid_rayjob_that_imports_embeds_adapts_and_indexes():
     job = refresh_template(DOCS, "20260101-0300", "v1", "")
     kuberay_validator("RayJob").validate(job)
     assert job["metadata"]["generateName"] == "llmemb-refresh-"
     assert job["metadata"]["labels"][render.VERSION_LABEL] == "20260101-0300"
     steps = commands(job["spec"]["entrypoint"])
-    assert [argv[1] for argv in steps] == ["launch/prepare.py", "launch/embed.py", "launch/adapt.py"]
-    prepared, embedded, adapted = (load_config(REPO / argv[2], argv[3:]) for argv in steps)
+    assert [argv[1] for argv in steps] == ["launch/prepare.py", "launch/embed.py", "launch/adapt.py", "launch/index.py"]
+    prepared, embedded, adapted, indexed = (load_config(REPO / argv[2], argv[3:]) for argv in steps)
     day = f"{VALUES['refresh']['dataset_prefix']}-20260101-0300"
     assert prepared.dataset.name == embedded.dataset.name == day  # embed reads what the import published
     assert prepared.dataset.source == VALUES["refresh"]["source"]
     assert (embedded.embed.version, embedded.embed.incremental_from) == ("20260101-0300", "v1")
     assert (adapted.adapt.embeddings, adapted.adapt.version, adapted.adapt.incremental_from) == ("20260101-0300",) * 2 + ("",)
+    # The day's adapted version, indexed over the one version the RayService serves, which it replaces.
+    assert layout.index_input_adapted_uri(indexed) == layout.adapted_uri(adapted)
+    assert indexed.index.version == VALUES["serve"]["index_version"] and indexed.index.replace
 
 
 @pytest.mark.parametrize("doc", [d for d in DOCS if d["kind"] not in KUBERAY_SCHEMAS],
@@ -168,6 +181,8 @@ def test_entrypoints_name_a_launch_script_and_a_config_that_loads(name, spec):
             assert cfg.embed.num_actors == VALUES["refresh"]["workers"] * VALUES["refresh"]["gpus_per_worker"]
         if stage == "adapt":
             assert cfg.adapt.incremental_from == ("20251231-0300" if name == "cronjob-template" else "")
+        if stage == "index":
+            assert cfg.index.version == VALUES["serve"]["index_version"] and cfg.index.replace
 
 
 def test_gpu_pods_request_what_they_limit_run_non_root_and_have_shared_memory():
@@ -219,8 +234,7 @@ def test_an_mlflow_server_reaches_every_ray_pod_and_none_is_named_by_default():
     def tracking_uris(values):
         """Per Ray pod (head and workers: the driver and Ray Train's controller log there), the URIs it is given."""
         out = []
-        for _, spec in rayjob_specs(render.render("all", values)):
-            cluster = spec["rayClusterSpec"]
+        for cluster in ray_clusters(render.render("all", values)):
             pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
             out += [{e["value"] for e in c.get("env", []) if e["name"] == "MLFLOW_TRACKING_URI"}
                     for pod in pods for c in pod["template"]["spec"]["containers"]]
@@ -229,6 +243,38 @@ def test_an_mlflow_server_reaches_every_ray_pod_and_none_is_named_by_default():
     assert all(found == set() for found in tracking_uris(VALUES))
     served = tracking_uris(copy.deepcopy(VALUES) | {"mlflow_uri": "http://mlflow.llmemb:5000"})
     assert served and all(found == {"http://mlflow.llmemb:5000"} for found in served)
+
+
+def test_rayservice_serves_the_index_every_refresh_republishes():
+    """The Serve config is what Ray accepts (its own schema, and no key it does not know), and its app
+    builder, called by Ray as a RayService's cluster calls it, serves the index version the refresh
+    chain publishes under the same root."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+
+    (service,) = render.serve(VALUES)
+    raw = yaml.safe_load(service["spec"]["serveConfigV2"])
+    config = ServeDeploySchema.model_validate(raw)
+    (app,) = raw["applications"]
+    (deployment,) = app["deployments"]
+    for given, schema in ((raw, ServeDeploySchema), (app, ServeApplicationSchema), (deployment, DeploymentSchema)):
+        assert set(given) <= set(schema.model_fields), f"{schema.__name__}: {set(given) - set(schema.model_fields)}"
+    assert config.http_options.host == "0.0.0.0" and config.http_options.port == render.SERVE_PORT
+    assert app["name"] == serving.APP and app["route_prefix"] == "/"
+    assert deployment["num_replicas"] == VALUES["serve"]["replicas"]
+
+    module, _, attribute = app["import_path"].partition(":")
+    assert module == serving.__name__ and getattr(serving, attribute) is serving.app
+    assert app["args"]["config"].startswith(render.IMAGE_REPO + "/")
+    args = app["args"] | {"config": str(REPO / app["args"]["config"].removeprefix(render.IMAGE_REPO + "/"))}
+    built = call_user_app_builder_with_args_if_necessary(serving.app, args)
+    assert built._bound_deployment.name == deployment["name"]
+    uri, _ = built._bound_deployment.init_args
+    (refresh_step,) = [argv for argv in commands(refresh_template(DOCS, "d", "p", "")["spec"]["entrypoint"])
+                       if argv[1] == "launch/index.py"]
+    assert uri == layout.index_uri(load_config(REPO / refresh_step[2], refresh_step[3:]))
+    with pytest.raises(ConfigError, match="the serve app's args must be"):
+        serving.app({"config": args["config"], "overides": []})
 
 
 def test_cli_prints_the_manifests():

@@ -1,5 +1,6 @@
 """The daily refresh as k8s/render.py schedules it: the rendered chain (import the day's catalog,
-re-embed it incrementally, adapt it incrementally) run by a shell against the moto S3 server, day after day."""
+re-embed it incrementally, adapt it incrementally, index it for serving) run by a shell against the moto
+S3 server, day after day."""
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,9 @@ import yaml
 from llmemb_dist import storage
 from llmemb_dist.config import load_config
 from llmemb_dist.data.embeddings import vectors_of
-from llmemb_dist.layout import adapted_uri, dataset_uri, embeddings_uri, rat_result_uri
+from llmemb_dist.layout import adapted_uri, dataset_uri, embeddings_uri, index_uri, rat_result_uri
 from llmemb_dist.stages.embed.driver import embed
+from llmemb_dist.stages.index import serving
 from llmemb_dist.stages.prepare.driver import prepare
 from llmemb_dist.stages.rat.driver import rat
 
@@ -58,7 +60,7 @@ def by_id(uri: str, table: str) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_rendered_refresh_chain_imports_embeds_and_adapts_only_what_changed(s3_root, tmp_path):
+def test_rendered_refresh_chain_imports_embeds_and_adapts_only_what_changed_and_indexes_it(s3_root, tmp_path):
     start_local_ray()
     bucket, prefix = s3_root.removeprefix("s3://").split("/", 1)
     incoming = f"s3://{bucket}/incoming/catalog/"
@@ -93,7 +95,7 @@ def test_rendered_refresh_chain_imports_embeds_and_adapts_only_what_changed(s3_r
 
     def day(version: str):
         return load_config(config_file, [f"root={s3_root}", f"dataset.name=catalog-{version}", f"embed.version={version}",
-                                          f"adapt.version={version}"])
+                                          f"adapt.version={version}", f"index.version={values['serve']['index_version']}"])
 
     # Day 2, the schedule's first run: three new items, two changed titles; every item adapted.
     titles2 = titles | {"t3": "toy 3 rebuilt", "t27": "toy 27 renamed"} | {f"t{i}": f"new toy {i}" for i in (30, 31, 32)}
@@ -108,6 +110,9 @@ def test_rendered_refresh_chain_imports_embeds_and_adapts_only_what_changed(s3_r
         if item != "t3":  # an unchanged trained item keeps RAT's vector, bit for bit
             assert np.array_equal(adapted2[item], vector), item
     assert not np.array_equal(adapted2["t3"], trained["t3"])
+    # The version the RayService serves is the day's adapted version, new items included.
+    live2 = storage.read_manifest(index_uri(day2))
+    assert live2["inputs"]["adapted"]["uri"] == adapted_uri(day2) and live2["items"] == len(titles2)
 
     # Day 3: one new item and one changed one; only they are embedded and adapted.
     titles3 = titles2 | {"t10": "toy 10 rebuilt", "t33": "new toy 33"}
@@ -124,6 +129,11 @@ def test_rendered_refresh_chain_imports_embeds_and_adapts_only_what_changed(s3_r
     adapted3 = by_id(adapted_uri(day3), "item_embeddings")
     assert sorted(adapted3) == sorted(titles3)
     assert all(np.array_equal(adapted3[item], adapted2[item]) for item in adapted2 if item != "t10")
+    # Republished over the same version, which is what the serving replicas watch and reload.
+    live3 = storage.read_manifest(index_uri(day3))
+    assert live3["inputs"]["adapted"]["uri"] == adapted_uri(day3) and live3["data_dir"] != live2["data_dir"]
+    served = serving.load(index_uri(day3))
+    assert served.data_dir == live3["data_dir"] and "t33" in served.recommender.item_ids
 
     # A retried RayJob finds every step published and does nothing: each stage's rerun test shows it
     # (test_prepare, test_embed, test_adapt); not repeated here, where it would cost three more processes.

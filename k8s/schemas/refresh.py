@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-CRDS = {"rayjobs": "rayjob", "rayclusters": "raycluster", "raycronjobs": "raycronjob"}
+CRDS = {"rayjobs": "rayjob", "rayclusters": "raycluster", "raycronjobs": "raycronjob", "rayservices": "rayservice"}
 
 
 def main(bases: Path) -> None:

@@ -1,4 +1,5 @@
-"""The whole system in one command: prepare -> SCFT -> embed -> RAT, then the run report.
+"""The whole system in one command: prepare -> SCFT -> embed -> RAT (-> adapt -> index with pipeline.index),
+then the run report.
 
 Each stage skips itself when its output is already published from the same config and
 inputs (it compares manifests), so a second run does nothing, and a run after a crash
@@ -13,9 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 from llmemb_dist import layout, storage
-from llmemb_dist.config import Config, to_dict
+from llmemb_dist.config import Config, ConfigError, to_dict
 from llmemb_dist.distributed.cluster import init_ray
+from llmemb_dist.stages.adapt.driver import adapt
 from llmemb_dist.stages.embed.driver import embed
+from llmemb_dist.stages.index.driver import index
 from llmemb_dist.stages.prepare.driver import prepare
 from llmemb_dist.stages.rat.driver import rat
 from llmemb_dist.stages.rat.report import comparison_markdown, strongest_markdown
@@ -23,29 +26,43 @@ from llmemb_dist.stages.scft.driver import scft
 
 log = logging.getLogger(__name__)
 
-STAGES: tuple[tuple[str, Callable[[Config], str]], ...] = (
+Stage = tuple[str, Callable[[Config], str]]
+STAGES: tuple[Stage, ...] = (
     ("prepare", prepare),
     ("scft", scft),
     ("embed", embed),
     ("rat", rat),
 )
+SERVING: tuple[Stage, ...] = (("adapt", adapt), ("index", index))  # with pipeline.index
+
+
+def stages(cfg: Config) -> tuple[Stage, ...]:
+    """The stages `cfg` runs, in order; refused before any runs where the serving ones could not."""
+    if not cfg.pipeline.index:
+        return STAGES
+    if cfg.rat.item_repr == "id":
+        raise ConfigError("pipeline.index=true needs rat.item_repr with a text side to adapt the catalog with; "
+                          "rat.item_repr is 'id'")
+    return STAGES + SERVING
 
 
 def pipeline(cfg: Config) -> str:
     """Runs every stage that has not published yet, then publishes the report; returns the report URI."""
+    chain = stages(cfg)
     init_ray(cfg.ray, cfg.log.verbose)
     outputs: dict[str, str] = {}
     started = time.time()
-    for i, (name, stage) in enumerate(STAGES, start=1):
-        log.info("stage %d/%d %s: starting", i, len(STAGES), name)
+    for i, (name, stage) in enumerate(chain, start=1):
+        log.info("stage %d/%d %s: starting", i, len(chain), name)
         t = time.time()
         outputs[name] = stage(cfg)
-        log.info("stage %d/%d %s: done in %.0f s -> %s", i, len(STAGES), name, time.time() - t, outputs[name])
+        log.info("stage %d/%d %s: done in %.0f s -> %s", i, len(chain), name, time.time() - t, outputs[name])
     manifests = {name: storage.read_manifest(out) for name, out in outputs.items()}
     uri = publish_report(cfg, outputs, manifests)
     full = [row for row in manifests["rat"]["metrics"] if row["protocol"] == "full"]  # sampled: in the report
+    served = f"Top-k index (launch/serve.py serves it): {outputs['index']}\n" if "index" in outputs else ""
     print(
-        f"\nAdapted item embeddings (the product): {storage.join(outputs['rat'], 'item_embeddings')}\n"
+        f"\nAdapted item embeddings (the product): {storage.join(outputs['rat'], 'item_embeddings')}\n{served}"
         f"LLM item embeddings: {storage.join(outputs['embed'], 'embeddings')}\n"
         f"SCFT adapter (peft): {storage.join(outputs['scft'], 'adapter')}\nReport: {storage.join(uri, 'report.md')}\n\n"
         f"Test, full ranking:\n{comparison_markdown(full)}\n\n{strongest_markdown(manifests['rat'].get('comparison'))}"

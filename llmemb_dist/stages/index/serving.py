@@ -4,6 +4,7 @@
 
 Each replica watches the index manifest; a new version is loaded beside the one serving and swapped in
 once whole, so no request waits for a reload or fails on one, and each answer names the version it came from.
+`start` runs it on the local or configured Ray; on Kubernetes a RayService names `app` (k8s/render.py serve).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from llmemb_dist import layout, storage
-from llmemb_dist.config import Config
+from llmemb_dist.config import Config, ConfigError, load_config
 from llmemb_dist.distributed.cluster import init_ray
 
 log = logging.getLogger(__name__)
@@ -80,15 +81,32 @@ class TopK:
         return {"index": served.data_dir, "items": [{"item_id": item, "score": score} for item, score in top]}
 
 
+def application(cfg: Config):
+    """The top-k application over `layout.index_uri(cfg)`; its one deployment is named TopK."""
+    from ray import serve as ray_serve
+
+    return ray_serve.deployment(TopK).bind(layout.index_uri(cfg), cfg.index.serve_watch_s)
+
+
+def app(args: dict):
+    """The application builder a Ray Serve config names (`import_path: llmemb_dist.stages.index.serving:app`),
+    with args {"config": <config file>, "overrides": [key=value, ...]} as a launch script takes them; the
+    replicas and their CPUs are the Serve config's."""
+    unknown = sorted(set(args) - {"config", "overrides"})
+    if unknown or "config" not in args or not isinstance(args.get("overrides", []), list):
+        raise ConfigError(f'the serve app\'s args must be {{"config": <file>, "overrides": [key=value, ...]}}, '
+                          f"got {sorted(args)}")
+    return application(load_config(args["config"], [str(o) for o in args.get("overrides", [])]))
+
+
 def start(cfg: Config) -> str:
     """Starts (or updates) the app on Ray Serve for `layout.index_uri(cfg)`; returns its URL."""
     from ray import serve as ray_serve
 
-    uri = layout.index_uri(cfg)
-    storage.read_manifest(uri)  # an index that is not published is refused before Ray starts
+    storage.read_manifest(layout.index_uri(cfg))  # an index that is not published is refused before Ray starts
     init_ray(cfg.ray, cfg.log.verbose)
     ray_serve.start(http_options={"host": cfg.index.serve_host, "port": cfg.index.serve_port})
-    ray_serve.run(ray_serve.deployment(TopK).bind(uri, cfg.index.serve_watch_s), name=APP, route_prefix="/")
+    ray_serve.run(application(cfg), name=APP, route_prefix="/")
     return f"http://{cfg.index.serve_host}:{cfg.index.serve_port}/"
 
 
