@@ -310,7 +310,7 @@ def grid_tasks(args: argparse.Namespace) -> list[Task]:
     setting = "quick" if args.quick else "full"
     tag = setting_tag(setting, args.set)
     cells = all_cells()
-    size = {d: sum(map(len, load_sequences(base_config(d, "minilm", setting, args.set)).seqs)) for d in args.datasets}
+    size = {d: len(load_sequences(base_config(d, "minilm", setting, args.set)).events.values) for d in args.datasets}
     common = ["--scft-models", *args.scft_models, "--threads", "1", "--cell-minutes", str(args.cell_minutes)]
     common += ["--no-model-budget"] if args.no_model_budget else []
     common += (["--quick"] if args.quick else []) + (["--redo"] if args.redo else [])

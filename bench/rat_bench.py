@@ -54,11 +54,11 @@ def main() -> None:
     for r in results:
         r["speedup_vs_1_worker_2_cpus"] = one / r["steady_epoch_seconds"]
     out = {"command": "python bench/rat_bench.py " + shlex.join(sys.argv[1:]), "dataset": "amazon-toys",
-           "users": len(data.seqs), "items": data.num_items, "epochs": epochs, "results": results}
+           "users": data.num_users, "items": data.num_items, "epochs": epochs, "results": results}
     res_dir = Path(__file__).resolve().parent / "results"
     res_dir.mkdir(exist_ok=True)
     (res_dir / "rat.json").write_text(json.dumps(out, indent=2))
-    lines = [f"# RAT-SASRec epoch time on amazon-toys ({len(data.seqs)} users, {data.num_items} items)", "",
+    lines = [f"# RAT-SASRec epoch time on amazon-toys ({data.num_users} users, {data.num_items} items)", "",
              f"Command: `{out['command']}` (2-core CPU, shared with other jobs: timings are noisy).", "",
              "Training time per epoch (validation excluded), median after the first epoch, with the paper's max_len 200",
              "and the alignment loss on; the reference pads to 200 and takes about 100 s per ID-only SASRec epoch on this",

@@ -16,7 +16,11 @@ Stages, each its own `launch/<stage>.py` process on the embedded Ray (2 CPUs), a
   from `embed`'s version (nearly every file of it holds an edited item, so their other rows are rewritten);
 - `appended`: 5 % new items added to the catalog, embedded incrementally from `embed`'s version (its files
   are copied on the store as they are, blockio.CarryOver);
-- `rat`: one epoch of SASRec on the active items (the ID baseline and llm_gate), sampled softmax;
+- `rat`: one epoch of SASRec on the active items (the ID baseline and llm_gate), sampled softmax, one Ray
+  Train worker with both CPUs; `rat2`: the same on two workers of one CPU each (data parallel). Early
+  stopping's check ranks a seeded sample of validation users; the final test ranks every user. The
+  stage's log splits its time into load, train (the optimizer steps), validate (early stopping's checks),
+  final (the final evaluations and the references), Ray Train's own and publish;
 - `adapt`: every item of the catalog into RAT's space.
 For each: the process's wall time (Python and Ray start included), items/s over it, and the peak memory of
 the driver and of the busiest Ray worker (bench/procstat.py). A (stage, size) already measured is kept, so
@@ -42,7 +46,8 @@ BENCH = Path(__file__).resolve().parent
 CACHE = BENCH / ".cache" / "scale"
 RESULTS = BENCH / "results"
 DEFAULT = BENCH.parent / "configs" / "default.yaml"  # the embedded default, with the settings below over it
-STAGES = ["prepare", "bare", "embed", "incremental", "appended", "rat", "adapt"]
+STAGES = ["prepare", "bare", "embed", "incremental", "appended", "rat", "rat2", "adapt"]
+VALID_USERS = 2000  # early stopping's sample of validation users
 CHANGED = ADDED = 0.05
 BATCH = 256
 EVENTS_PER_USER = (5, 15)
@@ -112,17 +117,18 @@ def settings(size: int) -> list[str]:
             "dataset.num_shards=8", f"model.path={tiny_model(CACHE / 'tiny-bert')}", "model.max_length=64",
             "ray.num_cpus=2", "tracking.enabled=false", f"embed.batch_size={BATCH}", "embed.adapter=none",
             "embed.num_actors=1", "embed.cpus_per_actor=1", "rat.embeddings=full", "rat.loss=sampled_softmax",
-            "rat.epochs=1", "rat.patience=1", "rat.hidden=32", "rat.adapter_hidden=64", "rat.max_len=20",
-            "rat.batch_size=1024", "rat.run=scale", "adapt.embeddings=full", "adapt.num_actors=1", "adapt.cpus_per_actor=1"]
+            "rat.epochs=1", "rat.patience=1", "rat.hidden=64", "rat.adapter_hidden=64", "rat.max_len=20",
+            "rat.batch_size=1024", f"rat.eval.valid_users={VALID_USERS}", "rat.run=scale", "adapt.embeddings=full", "adapt.num_actors=1", "adapt.cpus_per_actor=1"]
 
 
 # What a measured stage publishes the first time, under the name later stages read it by; a measured stage
 # that finds its name taken publishes under a fresh one, so a remeasure never finds its work done.
 CANONICAL = {"prepare": "synth", "changed": "changed", "added": "added", "embed": "full", "rat": "scale"}
 NEEDS = {"bare": ["prepare"], "embed": ["prepare"], "incremental": ["changed", "embed"], "appended": ["added", "embed"],
-         "rat": ["prepare", "embed"], "adapt": ["prepare", "embed", "rat"]}
+         "rat": ["prepare", "embed"], "rat2": ["prepare", "embed"], "adapt": ["prepare", "embed", "rat"]}
 KEY = {"prepare": "dataset.name", "changed": "dataset.name", "added": "dataset.name", "embed": "embed.version",
-       "incremental": "embed.version", "appended": "embed.version", "rat": "rat.run", "adapt": "adapt.version"}
+       "incremental": "embed.version", "appended": "embed.version", "rat": "rat.run", "rat2": "rat.run",
+       "adapt": "adapt.version"}
 CATALOGS = {"synth": {}, "changed": {"changed": CHANGED}, "added": {"added": ADDED}}
 
 
@@ -130,8 +136,10 @@ def command(stage: str, size: int, name: str) -> list[str]:
     """The stage's process, publishing under `name`."""
     if stage == "bare":
         return [sys.executable, __file__, "--bare-loop", str(size)]
-    script = {"changed": "prepare", "added": "prepare", "incremental": "embed", "appended": "embed"}.get(stage, stage)
+    script = {"changed": "prepare", "added": "prepare", "incremental": "embed", "appended": "embed",
+              "rat2": "rat"}.get(stage, stage)
     extra = {"changed": [f"dataset.source={CACHE / str(size) / 'changed'}"],
+             "rat2": ["rat.num_workers=2", "rat.cpus_per_worker=1"],
              "added": [f"dataset.source={CACHE / str(size) / 'added'}"],
              "incremental": ["dataset.name=changed", "embed.incremental_from=full"],
              "appended": ["dataset.name=added", "embed.incremental_from=full"]}.get(stage, [])
@@ -192,6 +200,8 @@ def bare_loop(size: int) -> None:
 # process is starting Python and Ray, planning, verifying and publishing.
 WRITTEN = r"wrote \d+ embeddings in \d+ files in ([\d.]+) s"
 WORK = {"embed": WRITTEN, "incremental": WRITTEN, "appended": WRITTEN, "adapt": r"published \S+ in ([\d.]+) s"}
+PHASES = ("load", "train", "validate", "final", "ray_train", "publish")
+RAT_PHASES = re.compile("time: " + ", ".join(rf"{p} (-?[\d.]+) s" for p in PHASES))  # the RAT driver's last line
 
 
 def measure(stage: str, size: int) -> dict:
@@ -200,8 +210,13 @@ def measure(stage: str, size: int) -> dict:
     name = CANONICAL[stage] if fresh else f"{stage}-{time.strftime('%Y%m%d%H%M%S')}"
     seconds, log, peak = run_measured(command(stage, size, name))
     work = re.search(WORK[stage], log) if stage in WORK else None
+    phases = RAT_PHASES.search(log) if stage.startswith("rat") else None
+    extra = {}
+    if phases:
+        extra = {"phases": dict(zip(PHASES, map(float, phases.groups()))),
+                 "events": int(re.search(r"items, (\d+) events", log)[1])}
     return {"stage": stage, "items": size, "seconds": seconds, "work_seconds": float(work[1]) if work else None,
-            "items_per_s": size / seconds, **peak,
+            "items_per_s": size / seconds, **peak, **extra,
             "machine": MACHINE, "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
@@ -224,7 +239,13 @@ def write_results(rows: dict[str, dict]) -> None:
               f"{r['driver_rss_peak_mib']:.0f} / {r['driver_uss_peak_mib']:.0f} | "
               f"{r['worker_rss_peak_mib']:.0f} / {r['worker_uss_peak_mib']:.0f} | {r['machine']} | {r['commit']} | {r['date']} |"
               for r in ordered]
-    lines += ["", "The issue's aims (#19), from the rows above:", "", "| aim | target | measured |", "|---|---|---|"]
+    timed = [r for r in ordered if "phases" in r]
+    if timed:
+        lines += ["", "RAT's time by phase (seconds, from the stage's log):", "",
+                  "| stage | items | events | " + " | ".join(PHASES) + " |", "|---" * (len(PHASES) + 3) + "|"]
+        lines += [f"| {r['stage']} | {r['items']:,} | {r['events']:,} | " +
+                  " | ".join(f"{r['phases'][p]:.1f}" for p in PHASES) + " |" for r in timed]
+    lines += ["", "The issues' aims (#19 embedding, #32 RAT), from the rows above:", "", "| aim | target | measured |", "|---|---|---|"]
     lines += aims(rows)
     (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
 
@@ -252,14 +273,45 @@ def aims(rows: dict[str, dict]) -> list[str]:
             if embed and row:
                 out.append(f"| incremental ({what}) / full at {size:,} items | <= 0.15x | {row['seconds'] / embed['seconds']:.2f}x |")
     sizes = sorted({r["items"] for r in rows.values()})
+    out += rat_aims(rows, sizes)
     for small, big in zip(sizes, sizes[1:]):
         for stage in STAGES:
             a, b = rows.get(f"{stage}@{small}"), rows.get(f"{stage}@{big}")
-            if a and b and stage != "bare":
+            if a and b and stage not in ("bare", "rat", "rat2"):
                 per_item = (b["seconds"] / big) / (a["seconds"] / small)
                 out.append(f"| {stage}: per-item time {big:,} / {small:,} items | <= 1.2x | {per_item:.2f}x |")
                 out.append(f"| {stage}: driver peak USS {big:,} / {small:,} items | <= 1.5x | "
                            f"{b['driver_uss_peak_mib'] / a['driver_uss_peak_mib']:.2f}x |")
+    return out
+
+
+def train_per_event(row: dict) -> float:
+    """Seconds of optimizer steps per training event in its one epoch."""
+    return row["phases"]["train"] / row["events"]
+
+
+def rat_aims(rows: dict[str, dict], sizes: list[int]) -> list[str]:
+    """Issue #32's: RAT grows with events, not the catalog; evaluation a small share; 2 workers as fast as 1."""
+    out = []
+    rat = {size: rows[f"rat@{size}"] for size in sizes if "phases" in rows.get(f"rat@{size}", {})}
+    for small, big in zip(sorted(rat), sorted(rat)[1:]):
+        out.append(f"| rat: train time per event {big:,} / {small:,} items | <= 1.2x | "
+                   f"{train_per_event(rat[big]) / train_per_event(rat[small]):.2f}x |")
+    if rat:
+        small, big = min(rat), max(rat)
+        if big > small:
+            out.append(f"| rat: driver peak USS {big:,} / {small:,} items | <= 1.5x | "
+                       f"{rat[big]['driver_uss_peak_mib'] / rat[small]['driver_uss_peak_mib']:.2f}x |")
+        out.append(f"| rat: busiest worker peak USS at {big:,} items | <= 4096 MiB | {rat[big]['worker_uss_peak_mib']:.0f} MiB |")
+        for size, row in sorted(rat.items()):
+            share = row["phases"]["validate"] / (row["phases"]["train"] + row["phases"]["validate"])
+            out.append(f"| rat: validation share of an epoch at {size:,} items ({VALID_USERS:,} users) | <= 25 % | "
+                       f"{100 * share:.0f} % |")
+    for size in sizes:
+        one, two = rows.get(f"rat@{size}", {}), rows.get(f"rat2@{size}", {})
+        if "phases" in one and "phases" in two:
+            out.append(f"| rat: 2 workers x 1 CPU / 1 worker x 2 CPUs, events/s at {size:,} items | >= 0.9x | "
+                       f"{train_per_event(one) / train_per_event(two):.2f}x |")
     return out
 
 

@@ -144,4 +144,4 @@ def test_rat_trains_on_the_active_items_only(tmp_path):
         pub.write_table("interactions", events)
     data = load_sequences(cfg)
     assert data.item_ids == ["b", "d", "e"]  # catalog order; a and c are left to the adapt stage
-    assert [s.tolist() for s in data.seqs] == [[2, 1, 2], [1, 2, 3]]
+    assert [s.tolist() for s in data.events] == [[2, 1, 2], [1, 2, 3]]

@@ -17,8 +17,8 @@ CFG = RatConfig(hidden=HIDDEN, layers=1, heads=1, dropout=0.0, max_len=10, adapt
 
 def setup(item_repr):
     rng = np.random.default_rng(0)
-    data = Sequences([f"i{k}" for k in range(1, NUM_ITEMS + 1)], [f"u{u}" for u in range(80)],
-                     [rng.integers(1, NUM_ITEMS + 1, size=rng.integers(4, 10)) for _ in range(80)])
+    data = Sequences.from_rows([f"i{k}" for k in range(1, NUM_ITEMS + 1)], [f"u{u}" for u in range(80)],
+                               [rng.integers(1, NUM_ITEMS + 1, size=rng.integers(4, 10)) for _ in range(80)])
     llm = rng.normal(size=(NUM_ITEMS, 8)).astype(np.float32)
     torch.manual_seed(0)
     model = build_model(CFG, "sasrec", item_repr, NUM_ITEMS, llm, data.train_popularity()).eval()

@@ -25,8 +25,7 @@ from conftest import start_local_ray
 
 def handmade() -> Sequences:
     seqs = [[1, 2, 3, 4, 5], [2, 6, 3, 7], [5, 4, 2, 6, 1, 8], [8, 7, 6, 5], [3, 2, 8, 1], [3, 8, 1]]
-    return Sequences(item_ids=[f"i{k}" for k in range(1, 9)], user_ids=[f"u{u}" for u in range(6)],
-                     seqs=[np.array(s) for s in seqs])
+    return Sequences.from_rows([f"i{k}" for k in range(1, 9)], [f"u{u}" for u in range(6)], [np.array(s) for s in seqs])
 
 
 def test_no_cold_item_reaches_any_training_or_validation_input():
@@ -39,7 +38,7 @@ def test_no_cold_item_reaches_any_training_or_validation_input():
     assert cold_ids.isdisjoint(warm_ids) and split.item_ids[split.num_warm:] == ["i3", "i8"]
     seen = []
     inputs, targets = split.warm.split("valid")
-    for u in range(len(split.warm.seqs)):
+    for u in range(split.warm.num_users):
         seen += [warm_ids[k - 1] for k in split.warm.train(u)] + [warm_ids[k - 1] for k in inputs[u]]
         seen.append(warm_ids[targets[u] - 1])
     seen += [warm_ids[k - 1] for s in train_inputs(split.warm, 50) for k in s]
@@ -51,9 +50,9 @@ def test_no_cold_item_reaches_any_training_or_validation_input():
     assert test_ids == ["i5", "i7", "i8", "i5", "i1"]
     assert split.cold_target.tolist() == [False, False, True, False, False]
     # A user whose test item is cold trains on the history alone: u2 keeps 5 warm events, none after i8.
-    assert [warm_ids[k - 1] for k in split.warm.seqs[2]] == ["i5", "i4", "i2", "i6", "i1"]
+    assert [warm_ids[k - 1] for k in split.warm.events[2]] == ["i5", "i4", "i2", "i6", "i1"]
     # u4 has a single warm event before the test item: too short to train on, still a test user.
-    assert "u4" not in split.warm.user_ids and [split.item_ids[k - 1] for k in split.test_inputs[4]] == ["i2"]
+    assert "u4" not in split.warm.user_ids.to_pylist() and [split.item_ids[k - 1] for k in split.test_inputs[4]] == ["i2"]
 
 
 def test_cold_items_are_a_seeded_fraction_or_those_first_seen_after_a_time():

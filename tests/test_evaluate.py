@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from llmemb_dist.config import EvalConfig
-from llmemb_dist.data.sequences import build_sequences
+from llmemb_dist.data.sequences import Sequences, build_sequences
 from llmemb_dist.storage import DataError
 from llmemb_dist.stages.rat.evaluate import (Scorer, evaluate, head_items, make_split, metrics_from_ranks, popularity_scorer,
-                                           ranks, sample_users, text_only_scorer)
+                                           ranks, sample_negatives, sample_users, text_only_scorer)
 
 
 def test_metrics_on_known_ranks():
@@ -34,7 +34,7 @@ def test_ranks_under_both_protocols_on_a_handmade_scorer():
     data = small_data()
     cfg = EvalConfig(num_negatives=5, ks=[1, 5])
     split = make_split(data, "test", cfg)
-    for u, seq in enumerate(data.seqs):  # negatives: distinct, never touched by the user
+    for u, seq in enumerate(data.events):  # negatives: distinct, never touched by the user
         assert len(set(split.negatives[u])) == 5 and not set(split.negatives[u]) & set(seq.tolist())
     # Scores = item index: the true item (20 + u) beats every item below it.
     scorer = Scorer(lambda seqs: torch.ones(len(seqs), 1), torch.arange(31, dtype=torch.float32)[:, None])
@@ -161,3 +161,17 @@ def test_a_seeded_sample_of_validation_users():
     kept = [u for u in range(4) if split.targets[u] in two.targets]
     assert [s.tolist() for s in two.inputs] == [split.inputs[u].tolist() for u in kept]
     assert (two.negatives == split.negatives[kept]).all() and (two.head == split.head[kept]).all()
+
+
+def test_negatives_are_distinct_untouched_items_and_a_user_short_of_them_gets_all_there_are(caplog):
+    rng = np.random.default_rng(5)
+    seqs = [rng.choice(np.arange(1, 41), size=rng.integers(3, 12), replace=False) for _ in range(300)]
+    seqs.append(np.arange(1, 38))  # touched 37 of 40: only 3 left to draw
+    data = Sequences.from_rows([str(i) for i in range(1, 41)], [f"u{u}" for u in range(len(seqs))], seqs)
+    with caplog.at_level(logging.WARNING):
+        negatives = sample_negatives(data, 10, np.random.default_rng(0))
+    assert "1 of 301 users touched so many items" in caplog.text
+    for seq, row in zip(seqs[:-1], negatives):
+        assert len(set(row.tolist())) == 10 and 0 not in row and not set(row.tolist()) & set(seq.tolist())
+    assert sorted(negatives[-1][:3].tolist()) == [38, 39, 40] and negatives[-1][3:].tolist() == [0] * 7
+    assert (sample_negatives(data, 10, np.random.default_rng(0)) == negatives).all()

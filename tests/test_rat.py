@@ -202,4 +202,4 @@ def test_validation_on_a_sample_of_users_and_test_on_every_user(ml100k):
     rcfg = load_config(None, [f"root={cfg.root}"] + FAST + ["rat.epochs=1", "rat.eval.valid_users=100"]).rat
     result = fit(build_model(rcfg, "sasrec", "id", data.num_items), data, rcfg)
     assert all(result.valid[p]["overall"]["users"] == 100 for p in ("sampled", "full"))
-    assert result.test["full"]["overall"]["users"] == len(data.seqs) == len(result.test_ranks)
+    assert result.test["full"]["overall"]["users"] == data.num_users == len(result.test_ranks)

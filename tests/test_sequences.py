@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from llmemb_dist.data.sequences import bucketed_batches, build_sequences, pad_left, train_inputs
+from llmemb_dist.data.sequences import Ragged, bucketed_batches, build_sequences, pad_left, train_inputs
 from llmemb_dist.storage import DataError
 
 
@@ -21,9 +21,9 @@ def test_leave_one_out_on_a_handmade_dataset(caplog):
     ])
     with caplog.at_level(logging.WARNING):
         data = build_sequences(table, ["a", "b", "c", "d"])
-    assert data.user_ids == ["u1", "u2"] and data.dropped_users == 1
+    assert data.user_ids.to_pylist() == ["u1", "u2"] and data.dropped_users == 1
     assert "dropped 1 users" in caplog.text
-    assert [s.tolist() for s in data.seqs] == [[1, 2, 3, 4], [3, 2, 1]]
+    assert [s.tolist() for s in data.events] == [[1, 2, 3, 4], [3, 2, 1]]
     assert [data.train(u).tolist() for u in range(2)] == [[1, 2], [3]]
     inputs, targets = data.split("valid")
     assert [s.tolist() for s in inputs] == [[1, 2], [3]] and targets.tolist() == [3, 2]
@@ -61,3 +61,35 @@ def test_bucketed_batches_cover_every_sequence_once_with_similar_lengths():
 def test_train_inputs_keep_max_len_plus_one_items():
     data = build_sequences(interactions([("u", str(i), i) for i in range(10)]), [str(i) for i in range(10)])
     assert train_inputs(data, 3)[0].tolist() == [5, 6, 7, 8]
+
+
+def test_ragged_rows_take_and_trim_handle_empty_rows():
+    rows = [np.array([1, 2, 3]), np.array([], dtype=np.int64), np.array([4]), np.array([5, 6, 7, 8])]
+    ragged = Ragged.from_rows(rows)
+    assert [r.tolist() for r in ragged] == [r.tolist() for r in rows] and ragged.lengths.tolist() == [3, 0, 1, 4]
+    assert [r.tolist() for r in ragged.take([3, 1, 0])] == [[5, 6, 7, 8], [], [1, 2, 3]]
+    assert [r.tolist() for r in ragged.trim(drop_last=1)] == [[1, 2], [], [], [5, 6, 7]]
+    assert [r.tolist() for r in ragged.trim(drop_last=1, keep_last=2)] == [[1, 2], [], [], [6, 7]]
+    assert ragged.row_index().tolist() == [0, 0, 0, 2, 3, 3, 3, 3]
+    assert pad_left(ragged.take([1, 2]), 5).tolist() == [[0], [4]]
+
+
+def test_sequences_equal_a_per_user_sort_on_random_events():
+    """The vectorised build against the obvious one: each user's events sorted by time, ties in input order."""
+    rng = np.random.default_rng(3)
+    n = 2000
+    users = [f"u{k}" for k in rng.integers(0, 300, n)]
+    items = [str(k) for k in rng.integers(0, 50, n)]
+    times = rng.integers(0, 20, n)  # many ties
+    data = build_sequences(interactions(list(zip(users, items, times.tolist()))), [str(k) for k in range(50)])
+    expected = {}
+    for order, (user, item, time) in enumerate(zip(users, items, times)):
+        expected.setdefault(user, []).append((time, order, int(item) + 1))
+    kept = {u: [i for _, _, i in sorted(ev)] for u, ev in sorted(expected.items()) if len(ev) >= 3}
+    assert data.user_ids.to_pylist() == list(kept)
+    assert [s.tolist() for s in data.events] == list(kept.values())
+    assert data.dropped_users == len(expected) - len(kept)
+    popularity = np.zeros(51, dtype=np.int64)
+    for seq in kept.values():
+        np.add.at(popularity, seq[:-2], 1)
+    assert data.train_popularity().tolist() == popularity.tolist()

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
-from llmemb_dist.data.sequences import MIN_EVENTS, Sequences
+from llmemb_dist.data.sequences import MIN_EVENTS, Ragged, Sequences
 from llmemb_dist.storage import DataError
 
 
@@ -22,7 +23,7 @@ class ColdSplit:
     warm: Sequences  # what the recommender trains and validates on
     item_ids: list[str]  # the test index: item_ids[k - 1] is item k, warm items first, then the cold ones
     num_warm: int
-    test_inputs: list[np.ndarray]  # warm items only, so they index the warm model as they are
+    test_inputs: Ragged  # warm items only, so they index the warm model as they are
     test_targets: np.ndarray  # in the test index
 
     @property
@@ -63,7 +64,7 @@ def cold_split(data: Sequences, cold: np.ndarray) -> ColdSplit:
     test_index = warm_index.copy()
     test_index[cold_items] = len(warm_items) + np.arange(1, len(cold_items) + 1)
     seqs, users, test_inputs, test_targets = [], [], [], []
-    for user, seq in zip(data.user_ids, data.seqs):
+    for user, seq in enumerate(data.events):
         history = warm_index[seq[:-1][~cold[seq[:-1]]]]
         target = seq[-1]
         if len(history):
@@ -76,6 +77,6 @@ def cold_split(data: Sequences, cold: np.ndarray) -> ColdSplit:
     if not seqs:
         raise DataError(f"the cold-start split leaves no user with {MIN_EVENTS} or more warm events")
     item_ids = [data.item_ids[k - 1] for k in warm_items] + [data.item_ids[k - 1] for k in cold_items]
-    warm = Sequences(item_ids=item_ids[: len(warm_items)], user_ids=users, seqs=seqs,
-                     dropped_users=data.dropped_users + len(data.seqs) - len(seqs))
-    return ColdSplit(warm, item_ids, len(warm_items), test_inputs, np.array(test_targets, dtype=np.int64))
+    warm = Sequences(Ragged.from_rows(seqs), len(warm_items), item_ids[: len(warm_items)],
+                     data.user_ids.take(pa.array(users, pa.int64())), data.dropped_users + data.num_users - len(seqs))
+    return ColdSplit(warm, item_ids, len(warm_items), Ragged.from_rows(test_inputs), np.array(test_targets, dtype=np.int64))

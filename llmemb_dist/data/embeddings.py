@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from llmemb_dist import storage
 from llmemb_dist.data.catalog import ITEM_ID, TEXT_HASH
@@ -43,18 +44,19 @@ def load_llm_table(uri: str, item_ids: list[str], expected_dim: int = 0) -> np.n
     dim = emb_type.list_size
     if expected_dim and dim != expected_dim:
         raise storage.DataError(f"{uri}: field 'embedding' has dimension {dim}, config rat.embedding_dim says {expected_dim}")
-    ids = table.column(ITEM_ID).to_pylist()
-    if len(set(ids)) != len(ids):
+    ids = table.column(ITEM_ID).combine_chunks()
+    if pc.count_distinct(ids).as_py() != len(ids):
         raise storage.DataError(f"{uri}: item_id is not unique in table 'embeddings'")
     vectors = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     vectors = vectors.astype(np.float32).reshape(len(ids), dim)
-    row = {item: i for i, item in enumerate(ids)}
-    missing = [item for item in item_ids if item not in row]
-    if missing:
+    wanted = pa.array(item_ids, ids.type)
+    row = pc.index_in(wanted, value_set=ids)
+    if row.null_count:
+        missing = wanted.filter(row.is_null()).to_pylist()
         raise storage.DataError(
             f"{uri}: {len(missing)} of {len(item_ids)} catalog items have no embedding (first: {missing[:5]}); "
             "re-run the embedding stage for this catalog"
         )
     if len(ids) > len(item_ids):
         log.info("%s: %d embedded items are not in the catalog; ignored", uri, len(ids) - len(item_ids))
-    return vectors[[row[item] for item in item_ids]]
+    return vectors[row.to_numpy(zero_copy_only=False)]

@@ -1,17 +1,21 @@
 """User sequences for sequential recommenders: chronological order, leave-one-out split, length-bucketed batches.
 
 Items are numbered 1..N in catalog order; 0 is padding, so row k of every item table
-is item k. Batches are left-padded only to their longest sequence: Amazon-style
-sequences average about 9 items, and padding all of them to 200 (as the reference
-does) spends almost all compute on padding.
+is item k. Sequences are held as two arrays (`Ragged`: every user's items end to end and
+where each user starts), never a Python object per user or per event, so they grow with
+the events and travel to Ray workers as two buffers. Batches are left-padded only to their
+longest sequence: Amazon-style sequences average about 9 items, and padding all of them to
+200 (as the reference does) spends almost all compute on padding.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from llmemb_dist.data.catalog import ITEM_ID, TIMESTAMP, USER_ID
 from llmemb_dist.storage import DataError
@@ -22,72 +26,128 @@ MIN_EVENTS = 3  # one training item, one validation item, one test item
 BUCKET_BATCHES = 50  # batches per length-sorted chunk: short padding, yet random batch composition
 
 
-@dataclass
-class Sequences:
-    """Each user's full chronological sequence of item indices (1..N)."""
+def _segments(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The positions starts[r] .. starts[r] + lengths[r] - 1 of every row r, end to end."""
+    total = int(lengths.sum())
+    row_starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts, lengths) + (np.arange(total) - row_starts)
 
-    item_ids: list[str]  # item_ids[k - 1] is item k
-    user_ids: list[str]
-    seqs: list[np.ndarray]
-    dropped_users: int = 0
+
+@dataclass
+class Ragged:
+    """Rows of different lengths in compressed sparse row form: row r is values[offsets[r]:offsets[r + 1]]."""
+
+    values: np.ndarray  # int64
+    offsets: np.ndarray  # int64, one more than there are rows
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[np.ndarray]) -> Ragged:
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        values = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]) if len(rows) else np.zeros(0, np.int64)
+        return cls(values, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        return self.values[self.offsets[row]: self.offsets[row + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[r] for r in range(len(self)))
 
     @property
-    def num_items(self) -> int:
-        return len(self.item_ids)
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def take(self, rows: np.ndarray | Sequence[int]) -> Ragged:
+        rows = np.asarray(rows, dtype=np.int64)
+        lengths = self.lengths[rows]
+        return Ragged(self.values[_segments(self.offsets[rows], lengths)],
+                      np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+    def trim(self, drop_last: int = 0, keep_last: int = 0) -> Ragged:
+        """Every row without its last `drop_last` values, then (with keep_last > 0) only its last `keep_last`."""
+        ends = np.maximum(self.offsets[1:] - drop_last, self.offsets[:-1])
+        starts = np.maximum(self.offsets[:-1], ends - keep_last) if keep_last else self.offsets[:-1]
+        lengths = ends - starts
+        return Ragged(self.values[_segments(starts, lengths)], np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+    def row_index(self) -> np.ndarray:
+        """The row of every value."""
+        return np.repeat(np.arange(len(self)), self.lengths)
+
+
+@dataclass
+class Sequences:
+    """Each user's full chronological sequence of item indices (1..N): `events[u]` is user u's."""
+
+    events: Ragged
+    num_items: int
+    item_ids: list[str] | None = None  # item_ids[k - 1] is item k; None in `indices_only()`
+    user_ids: pa.Array | None = None
+    dropped_users: int = 0
+
+    @classmethod
+    def from_rows(cls, item_ids: list[str], user_ids: list[str], seqs: Sequence[np.ndarray],
+                  dropped_users: int = 0) -> Sequences:
+        return cls(Ragged.from_rows(seqs), len(item_ids), list(item_ids), pa.array(user_ids, pa.string()), dropped_users)
+
+    def indices_only(self) -> Sequences:
+        """The same sequences without the ids: what training needs, shipped to each Ray Train worker as a few
+        buffers rather than a Python string per item."""
+        return Sequences(self.events, self.num_items, dropped_users=self.dropped_users)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.events)
 
     def train(self, u: int) -> np.ndarray:
-        return self.seqs[u][:-2]
+        return self.events[u][:-2]
 
-    def split(self, name: str) -> tuple[list[np.ndarray], np.ndarray]:
+    def split(self, name: str) -> tuple[Ragged, np.ndarray]:
         """Inputs and targets of 'valid' (second last item) or 'test' (last item), for every user."""
         cut = {"valid": 2, "test": 1}[name]
-        return [s[: len(s) - cut] for s in self.seqs], np.array([s[len(s) - cut] for s in self.seqs], dtype=np.int64)
+        return self.events.trim(drop_last=cut), self.events.values[self.events.offsets[1:] - cut].astype(np.int64)
 
     def train_popularity(self) -> np.ndarray:
         """Training interactions per item index (index 0, padding, stays 0)."""
-        counts = np.zeros(self.num_items + 1, dtype=np.int64)
-        for u in range(len(self.seqs)):
-            np.add.at(counts, self.train(u), 1)
-        return counts
+        return np.bincount(self.events.trim(drop_last=2).values, minlength=self.num_items + 1).astype(np.int64)
 
 
 def build_sequences(interactions: pa.Table, item_ids: list[str], source: str = "interactions") -> Sequences:
-    """Sorts each user's events by time (ties keep input order); users with < 3 events are dropped and counted."""
-    index = {item: k + 1 for k, item in enumerate(item_ids)}
-    df = interactions.select([USER_ID, ITEM_ID, TIMESTAMP]).to_pandas()
-    codes = df[ITEM_ID].map(index)
-    unknown = codes.isna()
-    if unknown.any():
-        row = int(np.flatnonzero(unknown.to_numpy())[0])
-        raise DataError(f"{source}: row {row}: item_id {df[ITEM_ID].iloc[row]!r} is not in the catalog")
-    df = df.assign(item=codes.astype(np.int64), order=np.arange(len(df)))
-    df = df.sort_values([USER_ID, TIMESTAMP, "order"], kind="stable")
-    users, starts = np.unique(df[USER_ID].to_numpy(), return_index=True)
-    items = df["item"].to_numpy()
-    bounds = list(starts) + [len(items)]
-    seqs, kept, dropped = [], [], 0
-    for u, user in enumerate(users):
-        seq = items[bounds[u]: bounds[u + 1]]
-        if len(seq) < MIN_EVENTS:
-            dropped += 1
-            continue
-        seqs.append(seq)
-        kept.append(str(user))
+    """Sorts each user's events by time (ties keep input order; users in id order); users with < 3 events
+    are dropped and counted. Arrow does the lookups and the sort: no Python object is made per event."""
+    table = interactions.select([USER_ID, ITEM_ID, TIMESTAMP]).combine_chunks()
+    codes = pc.index_in(table.column(ITEM_ID), value_set=pa.array(item_ids, pa.string())).combine_chunks()
+    if codes.null_count:
+        row = int(np.flatnonzero(codes.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{source}: row {row}: item_id {table.column(ITEM_ID)[row].as_py()!r} is not in the catalog")
+    # Arrow's sort is stable: events at the same time keep their input order.
+    order = pc.sort_indices(table, sort_keys=[(USER_ID, "ascending"), (TIMESTAMP, "ascending")])
+    users = table.column(USER_ID).take(order).combine_chunks()
+    items = codes.take(order).to_numpy(zero_copy_only=False).astype(np.int64) + 1
+    changed = pc.not_equal(users[1:], users[:-1]).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.concatenate([[len(items) > 0], changed]))
+    lengths = np.diff(np.append(starts, len(items)))
+    kept = lengths >= MIN_EVENTS
+    dropped = int((~kept).sum())
     if dropped:
         log.warning("%s: dropped %d users with fewer than %d events", source, dropped, MIN_EVENTS)
-    if not seqs:
+    if not kept.any():
         raise DataError(f"{source}: no user has {MIN_EVENTS} or more events, so there is nothing to validate on")
-    return Sequences(item_ids=list(item_ids), user_ids=kept, seqs=seqs, dropped_users=dropped)
+    events = Ragged(items[np.repeat(kept, lengths)], np.concatenate([[0], np.cumsum(lengths[kept])]).astype(np.int64))
+    user_ids = pc.cast(users.take(pa.array(starts[kept])), pa.string())
+    return Sequences(events, len(item_ids), list(item_ids), user_ids, dropped)
 
 
-def pad_left(seqs: list[np.ndarray], max_len: int) -> np.ndarray:
+def pad_left(seqs: Ragged | Sequence[np.ndarray], max_len: int) -> np.ndarray:
     """The last `max_len` items of each sequence, left-padded with 0 to the batch's longest."""
-    width = max(1, min(max_len, max(len(s) for s in seqs)))
-    out = np.zeros((len(seqs), width), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        s = s[-width:]
-        if len(s):
-            out[i, width - len(s):] = s
+    rows = (seqs if isinstance(seqs, Ragged) else Ragged.from_rows(seqs)).trim(keep_last=max_len)
+    lengths = rows.lengths
+    width = max(1, int(lengths.max()) if len(lengths) else 1)
+    out = np.zeros((len(rows), width), dtype=np.int64)
+    within = np.arange(len(rows.values)) - np.repeat(rows.offsets[:-1], lengths)
+    out[rows.row_index(), width - np.repeat(lengths, lengths) + within] = rows.values
     return out
 
 
@@ -103,7 +163,7 @@ def bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Genera
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def train_inputs(data: Sequences, max_len: int) -> list[np.ndarray]:
+def train_inputs(data: Sequences, max_len: int) -> Ragged:
     """Training sequences (each user's items before validation), cut to max_len + 1 so
     that an input of max_len items still has a next item at every position."""
-    return [data.train(u)[-(max_len + 1):] for u in range(len(data.seqs))]
+    return data.events.trim(drop_last=2, keep_last=max_len + 1)

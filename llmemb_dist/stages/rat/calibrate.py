@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from llmemb_dist.config import RatConfig
-from llmemb_dist.data.sequences import Sequences, pad_left
+from llmemb_dist.data.sequences import Ragged, Sequences, pad_left
 from llmemb_dist.srs import SeqRecommender
 from llmemb_dist.srs.placement import NEW_ITEM_SCALE, ItemPlacement
 from llmemb_dist.stages.rat.evaluate import leave_out_seen
@@ -40,7 +40,7 @@ class ValidationScores:
     users: torch.Tensor  # the users' vectors, the text channel's columns last
     text_side: torch.Tensor  # (len(items), hidden), what the scale multiplies
     text: torch.Tensor  # (len(items), text columns): the channel's, which the scale leaves alone
-    seen: list[torch.Tensor]  # per user, the columns of `items` among their inputs
+    seen: Ragged  # per user, the columns of `items` among their inputs
     k: int
 
     def placed_as_new(self, scale: float, batch_size: int = 512) -> torch.Tensor:
@@ -55,8 +55,8 @@ class ValidationScores:
             scores = scale * (users[:, :hidden] @ self.text_side.T)
             if self.text.shape[1]:
                 scores += users[:, hidden:] @ self.text.T
-            for row, seen in enumerate(self.seen[start: start + batch_size]):
-                scores[row, seen] = -torch.inf
+            seen = self.seen.take(np.arange(start, start + len(users)))
+            scores[torch.from_numpy(seen.row_index()), torch.from_numpy(seen.values)] = -torch.inf
             out.append(scores.topk(min(self.k, scores.shape[1]), dim=1).values)
         return torch.cat(out)
 
@@ -72,19 +72,20 @@ def validation_scores(model: SeqRecommender, table: torch.Tensor, data: Sequence
     column[torch.as_tensor(items)] = torch.arange(len(items))
     vectors = model.item_vectors(table).float()
     text = vectors[torch.as_tensor(items), table.shape[1]:]  # empty without the channel
-    best, trained, users_all, seen = [], [], [], []
+    best, trained, users_all = [], [], []
     kept = min(k, len(items))  # per user, of `items`
     for start in range(0, len(inputs), batch_size):
-        batch = inputs[start: start + batch_size]
+        batch = inputs.take(np.arange(start, min(start + batch_size, len(inputs))))
         users = model.user_vectors(torch.as_tensor(pad_left(batch, max_len))).float()
         scores = users @ vectors.T
         leave_out_seen(scores, batch)
         trained.append(scores[:, chosen].topk(kept, dim=1).values)
         best.append(scores.masked_fill(chosen, -torch.inf).topk(k, dim=1).values)
         users_all.append(users)
-        for inp in batch:
-            cols = column[torch.tensor(inp, dtype=torch.long)]  # a copy: Ray hands read-only arrays
-            seen.append(cols[cols >= 0])
+    cols = column[torch.from_numpy(inputs.values)].numpy()
+    mine = cols >= 0
+    per_user = np.bincount(inputs.row_index()[mine], minlength=len(inputs))
+    seen = Ragged(cols[mine], np.concatenate([[0], np.cumsum(per_user)]).astype(np.int64))
     return ValidationScores(torch.cat(best), torch.cat(trained), torch.cat(users_all), text_side, text, seen, k)
 
 

@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,39 +104,56 @@ def _train_and_publish(cfg: Config, inputs: dict[str, str], run: tracking.StageR
 
     out_uri, rcfg, emb_uri = layout.rat_result_uri(cfg), cfg.rat, inputs["embeddings"]
     uses_llm = rcfg.item_repr != "id"
+    started = time.perf_counter()
     data = load_sequences(cfg)
     # With a cold-start split RAT trains on the warm items only, and the cold ones are scored as new items.
     split = load_cold_split(cfg, data) if rcfg.cold.enabled else None
     if split is not None:
         data = split.warm
-    log.info("%d users (%d dropped with < 3 events), %d items", len(data.seqs), data.dropped_users, data.num_items)
+    log.info("%d users (%d dropped with < 3 events), %d items, %d events", data.num_users, data.dropped_users,
+             data.num_items, len(data.events.values))
     check_negatives(data, rcfg.eval)  # before Ray starts
     check_objective_fits(rcfg, data.num_items)
     llm = llm_all = None
     if uses_llm:
         llm_all = load_llm_table(emb_uri, split.item_ids if split else data.item_ids, rcfg.embedding_dim)
         llm = llm_all[: data.num_items]
+    # Where the time goes: optimizer steps, validation checks, final evaluations (the references' too).
+    seconds = {"load": time.perf_counter() - started, "train": 0.0, "validate": 0.0, "final": 0.0, "ray_train": 0.0}
+
+    def train(*args, **kwargs) -> tuple[SeqRecommender, FitResult]:
+        """train_variant, its time added to `seconds`: Ray Train's own (start, reports, checkpoints) apart."""
+        began = time.perf_counter()
+        trained, result = train_variant(cfg, data, *args, **kwargs, run=run)
+        for phase in ("train", "validate", "final"):
+            seconds[phase] += result.seconds.get(phase, 0.0)
+        seconds["ray_train"] += time.perf_counter() - began - sum(result.seconds.values())
+        return trained, result
+
     init_ray(cfg.ray, cfg.log.verbose)
+    began = time.perf_counter()
     # The references' splits: the same as each trained model's, whose training says what they hold.
     valid_split = sample_users(make_split(data, "valid", rcfg.eval, warn=False), rcfg.eval.valid_users, rcfg.eval.seed)
     test_split = make_split(data, "test", rcfg.eval, warn=False)
     entries = {name: (result, result["test_ranks"])
                for name, result in reference_results(data, llm, rcfg, valid_split, test_split).items()}
+    seconds["final"] += time.perf_counter() - began
     # The collaborative SASRec is the ID-only baseline too: trained once, used twice. Given the LLM table it
     # has the text channel as well, weighed on validation like the LLMEmb model's: the baseline "+text".
-    baseline, baseline_result = train_variant(cfg, data, rcfg.backbone, "id", llm=llm, run=run)
+    baseline, baseline_result = train(rcfg.backbone, "id", llm=llm)
     baseline_name = f"{rcfg.backbone}-id"
     entries.update(model_entries(baseline_name, baseline_result, plain_name=True))
     model, main = baseline, baseline_name
     if uses_llm:
-        collab = baseline if rcfg.backbone == "sasrec" else train_variant(cfg, data, "sasrec", "id", run=run)[0]
+        collab = baseline if rcfg.backbone == "sasrec" else train("sasrec", "id")[0]
         srs = collab.items.table().detach().numpy()
-        model, result = train_variant(cfg, data, rcfg.backbone, rcfg.item_repr, llm=llm, srs=srs, run=run)
+        model, result = train(rcfg.backbone, rcfg.item_repr, llm=llm, srs=srs)
         main = f"{rcfg.backbone}-{rcfg.item_repr}"
         entries.update(model_entries(main, result, plain_name=False))
     variants = {name: {k: v for k, v in entry.items() if k != "test_ranks"} for name, (entry, _) in entries.items()}
     metrics = {"main": main, "baseline": baseline_name, "dropped_users": data.dropped_users,
-               "users": len(data.seqs), "items": data.num_items, "variants": variants}
+               "users": data.num_users, "items": data.num_items, "events": len(data.events.values),
+               "variants": variants, "seconds": seconds}
     if main != baseline_name:
         metrics["comparison"] = against_strongest(main, entries, test_split, rcfg.eval.select_protocol)
     hashes = catalog_text_hashes(cfg, data.item_ids)
@@ -153,6 +171,7 @@ def _train_and_publish(cfg: Config, inputs: dict[str, str], run: tracking.StageR
                     "adapter_hidden": rcfg.adapter_hidden, "llm_dim": None if llm is None else int(llm.shape[1]),
                     "text_weight": model.text_weight,
                     "embeddings": emb_uri, "row_k_is": "item k of table item_embeddings (row 0 is padding)"}
+    began = time.perf_counter()
     with storage.publish(out_uri, kind="rat", config=to_dict(cfg), config_hash=config_hash(rcfg), inputs=inputs) as pub:
         pub.write_table("item_embeddings", item_table(placement, data.item_ids, hashes, llm), num_shards=1)
         with tempfile.TemporaryDirectory() as d:
@@ -172,7 +191,8 @@ def _train_and_publish(cfg: Config, inputs: dict[str, str], run: tracking.StageR
         pub.info["comparison"] = metrics.get("comparison")
         pub.info["embeddings_input"] = emb_uri
         run.publish(pub)
-    log.info("published %s; %s", out_uri, report.strongest_line(metrics.get("comparison")))
+    log.info("published %s; %s; time: %s, publish %.1f s", out_uri, report.strongest_line(metrics.get("comparison")),
+             ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()), time.perf_counter() - began)
     if split is not None:
         log.info("cold start, test, full ranking:\n%s", report.cold_start_markdown(metrics["cold_start"]))
 

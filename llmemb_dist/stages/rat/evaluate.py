@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from llmemb_dist.config import EvalConfig
-from llmemb_dist.data.sequences import Sequences, pad_left
+from llmemb_dist.data.sequences import Ragged, Sequences, pad_left
 from llmemb_dist.progress import Progress
 from llmemb_dist.srs.base import unit_text_table
 from llmemb_dist.storage import DataError
@@ -42,7 +42,7 @@ GROUPS = ("overall", "head", "tail", "short", "long")
 @dataclass
 class EvalSplit:
     name: str
-    inputs: list[np.ndarray]
+    inputs: Ragged
     targets: np.ndarray
     negatives: np.ndarray  # (users, num_negatives); 0 fills rows of users who touched almost everything
     head: np.ndarray  # per user: is the target a head item
@@ -58,24 +58,48 @@ def head_items(popularity: np.ndarray, fraction: float) -> np.ndarray:
     return head
 
 
+NEGATIVE_CHUNK = 4096  # users whose negatives are drawn together: a few MiB of draws, any number of users
+
+
 def sample_negatives(data: Sequences, count: int, rng: np.random.Generator, warn: bool = True) -> np.ndarray:
     """`count` distinct items per user, drawn uniformly from the items the user never touched; `warn` logs how
-    many users have fewer than that to draw from."""
-    out = np.zeros((len(data.seqs), count), dtype=np.int64)
-    short = sum(data.num_items - len(np.unique(seq)) < count for seq in data.seqs)
+    many users have fewer than that to draw from. Vectorised over users: an item is recognised as touched by
+    looking up (user, item) in the sorted keys of the user's events."""
+    stride = data.num_items + 1
+    touched = np.unique(data.events.row_index() * stride + data.events.values)
+    free = data.num_items - np.bincount(touched // stride, minlength=data.num_users)
+    want = np.minimum(count, free)
+    short = int((free < count).sum())
     if short and warn:
         log.warning("%d of %d users touched so many items that fewer than %d are left to sample as negatives: "
-                    "they are ranked among all they did not touch", short, len(data.seqs), count)
-    for u, seq in enumerate(data.seqs):
-        free = data.num_items - len(np.unique(seq))
-        want = min(count, free)
-        got: list[int] = []
-        while len(got) < want:
-            draw = rng.integers(1, data.num_items + 1, size=2 * count)
-            draw = draw[~np.isin(draw, seq)]
-            got = list(dict.fromkeys(got + draw.tolist()))[:want]
-        out[u, :want] = got
+                    "they are ranked among all they did not touch", short, data.num_users, count)
+    out = np.zeros((data.num_users, count), dtype=np.int64)
+    for start in range(0, data.num_users, NEGATIVE_CHUNK):
+        users = np.arange(start, min(start + NEGATIVE_CHUNK, data.num_users))
+        got = np.zeros(len(users), dtype=np.int64)
+        while (pending := np.flatnonzero(got < want[users])).size:
+            draw = rng.integers(1, stride, size=(len(pending), 2 * count))
+            keys = users[pending, None] * stride + draw
+            found = np.searchsorted(touched, keys).clip(max=len(touched) - 1)
+            draw[touched[found] == keys] = 0
+            rows = np.concatenate([out[users[pending]], draw], axis=1)
+            out[users[pending]], got[pending] = first_distinct(rows, want[users[pending]], count)
     return out
+
+
+def first_distinct(rows: np.ndarray, want: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's first `want` distinct non-zero values in their order, left-aligned in `width` columns with
+    0 after them, and how many each row got."""
+    order = np.argsort(rows, axis=1, kind="stable")
+    ordered = np.take_along_axis(rows, order, axis=1)
+    repeat = np.zeros_like(rows, dtype=bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    keep = np.zeros_like(repeat)
+    np.put_along_axis(keep, order, ~repeat, axis=1)
+    keep &= rows != 0
+    packed = np.take_along_axis(rows, np.argsort(~keep, axis=1, kind="stable"), axis=1)
+    have = np.minimum(keep.sum(1), want)
+    return np.where(np.arange(width) < have[:, None], packed[:, :width], 0), have
 
 
 def check_negatives(data: Sequences, cfg: EvalConfig) -> None:
@@ -93,7 +117,7 @@ def make_split(data: Sequences, name: str, cfg: EvalConfig, warn: bool = True) -
     inputs, targets = data.split(name)
     rng = np.random.default_rng([cfg.seed, {"valid": 0, "test": 1}[name]])
     head = head_items(data.train_popularity(), cfg.head_fraction)
-    train_lens = np.array([len(data.train(u)) for u in range(len(data.seqs))])
+    train_lens = data.events.lengths - 2
     return EvalSplit(
         name=name, inputs=inputs, targets=targets, negatives=sample_negatives(data, cfg.num_negatives, rng, warn),
         head=head[targets], short=train_lens <= cfg.short_user_max_len,
@@ -103,19 +127,18 @@ def make_split(data: Sequences, name: str, cfg: EvalConfig, warn: bool = True) -
 ITEM_CHUNK = 1 << 16  # items full ranking scores at a time: a batch holds batch x ITEM_CHUNK scores, any catalog
 
 
-def leave_out_seen(scores: torch.Tensor, inputs: list[np.ndarray], offset: int = 0) -> None:
+def leave_out_seen(scores: torch.Tensor, inputs: Ragged, offset: int = 0) -> None:
     """Full ranking's candidates, in place: padding and each user's input items score -inf. `scores` holds
-    the items from index `offset` on (a chunk of the catalog)."""
+    the items from index `offset` on (a chunk of the catalog), row r for `inputs[r]`."""
     if offset == 0:
         scores[:, 0] = -torch.inf
-    end = offset + scores.shape[1]
-    for i, seen in enumerate(inputs):
-        seen = torch.tensor(seen, dtype=torch.long)  # a copy: Ray hands read-only arrays
-        scores[i, seen[(seen >= offset) & (seen < end)] - offset] = -torch.inf
+    inside = (inputs.values >= offset) & (inputs.values < offset + scores.shape[1])
+    rows = torch.from_numpy(inputs.row_index()[inside])
+    scores[rows, torch.from_numpy(inputs.values[inside] - offset)] = -torch.inf
 
 
 def full_ranks(users: torch.Tensor, true: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
-               inputs: list[np.ndarray]) -> np.ndarray:
+               inputs: Ragged) -> np.ndarray:
     """Each user's rank of `true` among every item but padding, their inputs and the target, counted chunk by
     chunk of ITEM_CHUNK items: never a users x catalog matrix."""
     above = torch.zeros(len(users), dtype=torch.long)
@@ -134,7 +157,7 @@ def sample_users(split: EvalSplit, count: int, seed: int) -> EvalSplit:
     if not count or count >= len(split.targets):
         return split
     users = np.sort(np.random.default_rng([seed, 2]).choice(len(split.targets), size=count, replace=False))
-    return EvalSplit(split.name, [split.inputs[u] for u in users], split.targets[users], split.negatives[users],
+    return EvalSplit(split.name, split.inputs.take(users), split.targets[users], split.negatives[users],
                      split.head[users], split.short[users])
 
 
@@ -144,13 +167,14 @@ def ranks(scorer: Scorer, split: EvalSplit, users: np.ndarray, max_len: int, bat
     """0-based rank of each user's true item under `protocols`, for the given users."""
     out = {p: np.zeros(len(users), dtype=np.int64) for p in protocols}
     # Similar lengths together: each batch is padded only to its longest input.
-    order = np.argsort([len(split.inputs[u]) for u in users], kind="stable")
+    order = np.argsort(split.inputs.lengths[users], kind="stable")
     progress = Progress(log, f"evaluate {split.name}", len(order), unit="users", quiet_start=True)
     for start in range(0, len(order), batch_size):
         progress.update(start)
         pick = order[start: start + batch_size]
         batch = users[pick]
-        seqs = torch.as_tensor(pad_left([split.inputs[u] for u in batch], max_len))
+        inputs = split.inputs.take(batch)
+        seqs = torch.as_tensor(pad_left(inputs, max_len))
         user_vectors = scorer.users(seqs).float()
         target = torch.as_tensor(split.targets[batch])
         if "sampled" in out:
@@ -161,7 +185,7 @@ def ranks(scorer: Scorer, split: EvalSplit, users: np.ndarray, max_len: int, bat
         if "full" not in out:
             continue
         true = (user_vectors * scorer.items[target].float()).sum(1)
-        out["full"][pick] = full_ranks(user_vectors, true, scorer.items, target, [split.inputs[u] for u in batch])
+        out["full"][pick] = full_ranks(user_vectors, true, scorer.items, target, inputs)
     return out
 
 

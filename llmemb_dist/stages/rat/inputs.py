@@ -5,6 +5,7 @@ import logging
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from llmemb_dist import layout, storage
 from llmemb_dist.config import Config
@@ -21,9 +22,9 @@ def load_sequences(cfg: Config) -> Sequences:
     with the active set, not with the catalog."""
     uri = layout.dataset_uri(cfg)
     interactions = storage.read_table(uri, "interactions")
-    seen = set(interactions.column(ITEM_ID).unique().to_pylist())
-    active = [item for item in storage.read_table(uri, "catalog").column(ITEM_ID).to_pylist() if item in seen]
-    return build_sequences(interactions, active, f"{uri}/interactions")
+    catalog = storage.read_table(uri, "catalog").column(ITEM_ID)
+    active = catalog.filter(pc.is_in(catalog, value_set=interactions.column(ITEM_ID).unique()))
+    return build_sequences(interactions, active.to_pylist(), f"{uri}/interactions")
 
 
 def load_cold_split(cfg: Config, data: Sequences) -> ColdSplit:
@@ -32,9 +33,9 @@ def load_cold_split(cfg: Config, data: Sequences) -> ColdSplit:
     first_seen = None
     if cold.first_seen_after > 0:
         interactions = storage.read_table(layout.dataset_uri(cfg), "interactions").select([ITEM_ID, TIMESTAMP])
-        first = interactions.group_by(ITEM_ID).aggregate([(TIMESTAMP, "min")]).to_pydict()
-        when = dict(zip(first[ITEM_ID], first[f"{TIMESTAMP}_min"]))
-        first_seen = np.array([0.0] + [float(when[item]) for item in data.item_ids])
+        first = interactions.group_by(ITEM_ID).aggregate([(TIMESTAMP, "min")])
+        row = pc.index_in(pa.array(data.item_ids, pa.string()), value_set=first.column(ITEM_ID))
+        first_seen = np.concatenate([[0.0], first.column(f"{TIMESTAMP}_min").take(row).to_numpy().astype(float)])
     split = cold_split(data, choose_cold(data, cold.fraction, cold.seed, first_seen, cold.first_seen_after))
     log.info("cold-start split: %d warm and %d cold items; %d of %d test users have a cold next item",
              split.num_warm, len(split.item_ids) - split.num_warm, int(split.cold_target.sum()), len(split.test_targets))
@@ -43,6 +44,6 @@ def load_cold_split(cfg: Config, data: Sequences) -> ColdSplit:
 
 def catalog_text_hashes(cfg: Config, item_ids: list[str]) -> list[str]:
     """The text hash of each item (the catalog's): what says later whether an item's text has changed."""
-    catalog = storage.read_table(layout.dataset_uri(cfg), "catalog").select([ITEM_ID, TEXT_HASH]).to_pylist()
-    hashes = {row[ITEM_ID]: row[TEXT_HASH] for row in catalog}
-    return [hashes[item] for item in item_ids]
+    catalog = storage.read_table(layout.dataset_uri(cfg), "catalog").select([ITEM_ID, TEXT_HASH])
+    row = pc.index_in(pa.array(item_ids, pa.string()), value_set=catalog.column(ITEM_ID))
+    return catalog.column(TEXT_HASH).take(row).to_pylist()

@@ -61,6 +61,8 @@ class FitResult:
     test_ranks: np.ndarray | None = None
     # With a text channel: the same best weights scored without it ({"valid", "test", "test_ranks"}).
     without_text: dict | None = None
+    # Wall time of this run's optimizer steps, its validation checks and its final evaluation.
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def epochs(self) -> int:
@@ -160,8 +162,9 @@ def fit(
     valid_split = sample_users(make_split(data, "valid", rcfg.eval, warn=rank == 0), rcfg.eval.valid_users,
                                rcfg.eval.seed)
     test_split = make_split(data, "test", rcfg.eval, warn=False)
-    seqs = [s for s in train_inputs(data, rcfg.max_len) if len(s) >= 2]  # one input and one target at least
-    lengths = np.array([len(s) for s in seqs])
+    seqs = train_inputs(data, rcfg.max_len)
+    seqs = seqs.take(np.flatnonzero(seqs.lengths >= 2))  # one input and one target at least
+    lengths = seqs.lengths
     steps_per_epoch = math.ceil(len(bucketed_batches(lengths, rcfg.batch_size, np.random.default_rng([rcfg.seed, 0]))) / world)
     every = check_epochs(rcfg, steps_per_epoch)
     if state is None:
@@ -187,7 +190,7 @@ def fit(
         total = 0.0
         step_progress = Progress(log, f"{name} epoch {epoch + 1} step", len(mine), quiet_start=True)
         for step, batch in enumerate(mine, 1):
-            loss = trainable(torch.as_tensor(pad_left([seqs[i] for i in batch], rcfg.max_len + 1)), generator)
+            loss = trainable(torch.as_tensor(pad_left(seqs.take(batch), rcfg.max_len + 1)), generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -206,6 +209,7 @@ def fit(
         entry = {"epoch": epoch + 1, "loss": epoch_loss, "train_seconds": train_s}
         checked = (epoch + 1) % every == 0 or epoch + 1 == rcfg.epochs
         if checked:
+            check_started = time.perf_counter()
             # Early stopping watches one protocol: ranking the whole catalog for the other would be wasted.
             valid = evaluate_shared(model, valid_split, rcfg, rank, world, (rcfg.eval.select_protocol,))
             score = valid[rcfg.eval.select_protocol]["overall"]["NDCG@10"]
@@ -214,7 +218,8 @@ def fit(
                 state.best_state = copy.deepcopy(model.state_dict())
             else:
                 state.bad_epochs += 1
-            entry.update(valid_ndcg10=score, valid_hr10=valid[rcfg.eval.select_protocol]["overall"]["HR@10"])
+            entry.update(valid_ndcg10=score, valid_hr10=valid[rcfg.eval.select_protocol]["overall"]["HR@10"],
+                         valid_seconds=time.perf_counter() - check_started)
         state.history.append(entry)
         state.epoch, state.model, state.optimizer = epoch + 1, model.state_dict(), optimizer.state_dict()
         if rank == 0:
@@ -225,6 +230,7 @@ def fit(
         if on_epoch:
             on_epoch(state)
     model.load_state_dict(state.best_state)
+    final_started = time.perf_counter()
     text_weight = choose_text_weight(model, valid_split, rcfg, rank, world)
     chosen = final_evaluation(model, valid_split, test_split, rcfg, rank, world)
     without_text = None
@@ -232,5 +238,8 @@ def fit(
         model.text_weight = 0.0
         without_text = final_evaluation(model, valid_split, test_split, rcfg, rank, world)
         model.text_weight = text_weight
+    seconds = {"train": sum(e["train_seconds"] for e in state.history),
+               "validate": sum(e.get("valid_seconds", 0.0) for e in state.history),
+               "final": time.perf_counter() - final_started}
     return FitResult(state.best_state, state.best_epoch, chosen["valid"], chosen["test"], state.history,
-                     text_weight, chosen["test_ranks"], without_text)
+                     text_weight, chosen["test_ranks"], without_text, seconds)

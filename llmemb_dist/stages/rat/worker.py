@@ -31,7 +31,7 @@ class RatJob:
     rcfg: RatConfig
     backbone: str
     item_repr: str
-    data: Sequences
+    data: Sequences  # indices only
     llm: np.ndarray | None = None  # the LLM item table, row k - 1 for item k
     srs: np.ndarray | None = None  # the collaborative SASRec's item table, for the alignment loss
     fault_marker: str = ""  # written when rat.fail_at_step has fired, so the resumed run does not fail again
@@ -111,7 +111,7 @@ def train_variant(cfg: Config, data: Sequences, backbone: str, item_repr: str, *
                   run: StageRun | None = None) -> tuple[SeqRecommender, FitResult]:
     """Trains (or resumes, or reuses) one model on Ray Train; returns it with its best weights, and its result.
     With `run`, every epoch's metrics are tracked as they are reported, named `<variant>/<metric>`."""
-    job = RatJob(cfg.rat, backbone, item_repr, data, llm, srs,
+    job = RatJob(cfg.rat, backbone, item_repr, data.indices_only(), llm, srs,
                  fault_marker=storage.join(layout.rat_checkpoints_uri(cfg), f"{backbone}-{item_repr}.fault_injected"))
     log.info("training %s on %d workers", job.variant, job.rcfg.num_workers)
     trained = ray_train.run_training(
