@@ -262,8 +262,9 @@ def prepare(v: dict[str, Any]) -> list[dict[str, Any]]:
 def refresh_command(v: dict[str, Any], version: str, previous: str, adapt_from: str) -> str:
     """The daily chain as one entrypoint: import the day's catalog, re-embed it incrementally from
     `previous`, adapt it incrementally from `adapt_from`, index the adapted version as the one version
-    the RayService serves (replaced, so that its replicas reload it). Each step publishes or skips what
-    is already published, so a retried RayJob picks up where the failed one stopped."""
+    the RayService serves (replaced, so that its replicas reload it; an IVF index updated from the one
+    served). Each step publishes or skips what is already published, so a retried RayJob picks up where
+    the failed one stopped."""
     r = v["refresh"]
     dataset = f"dataset.name={r['dataset_prefix']}-{version}"
     # One embedding actor per GPU; a cluster without GPUs (a small catalog) keeps the config's CPU actors.
@@ -274,7 +275,7 @@ def refresh_command(v: dict[str, Any], version: str, previous: str, adapt_from: 
         entrypoint(v, "adapt", f"adapt.embeddings={version}", f"adapt.version={version}",
                    f"adapt.incremental_from={adapt_from}"),
         entrypoint(v, "index", f"index.adapted={version}", f"index.version={v['serve']['index_version']}",
-                   "index.replace=true"),
+                   "index.replace=true", f"index.incremental_from={v['serve']['index_version']}"),
     ])
 
 

@@ -334,6 +334,14 @@ class IndexConfig:
     ef_search: int = bounded(128, low=1, help="hnsw: candidates kept per query (more: better recall, slower)")
     nlist: int = bounded(4096, low=1, help="ivf: k-means cells; at most the number of items")
     nprobe: int = bounded(64, low=1, help="ivf: cells searched per query (more: better recall, slower)")
+    incremental_from: str = name(
+        "", empty=True, help="ivf: a published index version (index.version itself included) to update rather than "
+        "rebuild: the items that left the adapted version or whose vector changed removed, the changed and new ones "
+        "added, over its trained cells; another kind or cells, a version not published, or more change than "
+        "index.incremental_max_change rebuild instead (the manifest's build says which, and why)")
+    incremental_max_change: float = bounded(
+        0.2, low=0.0, high=1.0, help="ivf: the share of the items its cells were trained over that may have been "
+        "removed, added or changed since (over every update) before an update retrains them by rebuilding")
     recall_users: int = bounded(1000, low=1, help="validation users (a seeded sample) whose top 10 through the index "
                                 "is checked against exact search: the recall@10 the manifest records")
     num_threads: int = bounded(0, low=0, help="CPU threads that build the index; 0 = all cores")

@@ -41,10 +41,13 @@ class Recommender:
     """
 
     def __init__(self, model, item_ids: list[str], table: torch.Tensor, max_len: int, text: torch.Tensor | None = None,
-                 index=None):
+                 index=None, labels: np.ndarray | None = None):
         """`text`: the items' LLM vectors (row k for item_ids[k]), for a model whose text channel is on;
-        `index`: a faiss index whose label k is item_ids[k], over `item_vectors` by inner product."""
+        `index`: a faiss index over `item_vectors` by inner product, holding item_ids[k] under label
+        `labels[k]` (by default k)."""
         self.model, self.item_ids, self.max_len, self.index = model.eval(), item_ids, max_len, index
+        self.index_rows = None if index is None else index_files.label_rows(
+            np.arange(len(item_ids)) if labels is None else labels)
         self.row = {item: k + 1 for k, item in enumerate(item_ids)}
         self.table = torch.cat([torch.zeros(1, table.shape[1]), table])  # row 0 is padding
         self.model.over_items(self.table)
@@ -85,13 +88,13 @@ class Recommender:
         if model.text_weight:
             source = spec["embeddings"] if items is None else _embeddings_input(items)
             text = torch.from_numpy(load_llm_table(source, item_ids))
-        faiss_index = None
+        faiss_index = labels = None
         if index_manifest:
-            faiss_index, labels = index_files.read(index, index_manifest)
-            if labels != item_ids:
-                raise storage.DataError(f"{index}: its labels are not the items of {items} in their order")
+            faiss_index, labels, indexed = index_files.read(index, index_manifest)
+            if indexed != item_ids:
+                raise storage.DataError(f"{index}: its items are not the items of {items} in their order")
         # A copy: the Arrow buffer behind vectors_of is read-only.
-        return cls(model, item_ids, torch.tensor(vectors_of(vectors)), spec["max_len"], text, faiss_index)
+        return cls(model, item_ids, torch.tensor(vectors_of(vectors)), spec["max_len"], text, faiss_index, labels)
 
     @torch.no_grad()
     def user_vectors(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
@@ -112,17 +115,18 @@ class Recommender:
 
     def top_k(self, history: Sequence[str], k: int = 10, exclude_history: bool = True) -> list[tuple[str, float]]:
         """The `k` best items as (item_id, score), best first; items of the history left out by default."""
-        labels, scores = self._nearest(history, k + len(set(history)) if exclude_history else k)
+        rows, scores = self._nearest(history, k + len(set(history)) if exclude_history else k)
         excluded = {self.row[item] - 1 for item in history} if exclude_history else set()
-        best = [(self.item_ids[i], float(s)) for i, s in zip(labels, scores)
+        best = [(self.item_ids[i], float(s)) for i, s in zip(rows, scores)
                 if i >= 0 and i not in excluded and np.isfinite(s)]
         return best[:k]
 
     def _nearest(self, history: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The `n` best labels and their scores, best first: through the index, else by scoring every item."""
+        """The `n` best rows of `item_ids` and their scores, best first: through the index, else by scoring
+        every item."""
         if self.index is not None:
             scores, labels = self.index.search(self.user_vectors([history]), min(n, len(self.item_ids)))
-            return labels[0], scores[0]
+            return index_files.rows_of(labels[0], self.index_rows), scores[0]
         scores = self.scores(history)
         best = np.argsort(-scores, kind="stable")[:n]
         return best, scores[best]

@@ -1,8 +1,11 @@
 """The index stage: an exact index answers top_k as the full scan does, HNSW and IVF find the true top 10,
 the manifest records what the index is, a rerun reuses it, a new item placed by adapt is served for its
-text neighbours, the pipeline indexes only when asked, and a mismatched index or bad config is refused."""
+text neighbours, an IVF index updated for a carried-over version answers as one built over the same cells
+and serves the new version's items, other kinds and too much change rebuild, the pipeline indexes only
+when asked, and a mismatched index or bad config is refused."""
 import dataclasses
 import json
+import os
 import shutil
 import threading
 import time
@@ -10,6 +13,8 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from llmemb_dist import storage
@@ -19,7 +24,7 @@ from llmemb_dist.config import ConfigError, load_config
 from llmemb_dist.data.embeddings import vectors_of
 from llmemb_dist.layout import adapted_uri, embeddings_uri, index_uri, rat_result_uri
 from llmemb_dist.stages.adapt.driver import adapt
-from llmemb_dist.stages.index import kinds, serving, users
+from llmemb_dist.stages.index import incremental, kinds, serving, users
 from llmemb_dist.stages.index.driver import index
 from llmemb_dist.stages.pipeline import pipeline, stages
 
@@ -79,6 +84,7 @@ def test_the_manifest_records_what_the_index_is_and_a_rerun_reuses_it(published)
                                  "recall_users": 50, "recall_seed": 0}
     assert manifest["items"] == 60 and manifest["dim"] == HIDDEN + DIM and manifest["text_weight"] == 4
     assert manifest["recall_users"] == 50 and 0.9 <= manifest["recall_at_10"] <= 1 and manifest["build_seconds"] > 0
+    assert manifest["build"] == {"mode": "full"} and manifest["quantizer"] is None
     assert set(manifest["tables"]) == {"item_ids"} and "faiss/index.faiss" in manifest["files"]
     assert storage.read_table(uri, "item_ids").column("item_id").to_pylist() == \
         Recommender.from_publication(rat_result_uri(cfg), items=adapted_uri(cfg)).item_ids
@@ -160,6 +166,137 @@ def test_hnsw_and_ivf_find_the_true_top_10_of_20000_random_vectors():
     exact = kinds.build(items, {"kind": "exact"})
     assert kinds.recall(exact.search(queries, 10)[1], truth) == 1
     assert kinds.recall(truth[:, ::-1][:, :5].repeat(2, 1), truth) == 0.5  # half the true top 10, in any order
+
+
+def test_an_updated_ivf_index_answers_as_its_cells_filled_anew_and_never_returns_a_removed_item():
+    """The next catalog, in another order: 300 items gone, 400 with a new vector, 300 new. The previous index
+    updated answers every query with the labels and scores of its trained cells emptied and filled with the
+    new catalog, each item under the label the update gives it: an item keeps its label, a new one takes
+    the next unused."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    items, d = rng.normal(size=(20_000, 32)).astype(np.float32), 32
+    ids = [f"i{k}" for k in range(len(items))]
+    previous = kinds.build(items, {"kind": "ivf", "nlist": 64, "nprobe": 8, "seed": 0})
+    gone, edited = np.split(rng.permutation(len(items))[:700], [300])
+    vectors = items.copy()
+    vectors[edited] = rng.normal(size=(len(edited), d))
+    stay = np.setdiff1d(np.arange(len(items)), gone)
+    new_ids = [ids[k] for k in stay] + [f"new{k}" for k in range(300)]
+    new_vectors = np.vstack([vectors[stay], rng.normal(size=(300, d))]).astype(np.float32)
+    order = rng.permutation(len(new_ids))
+    new_ids, new_vectors = [new_ids[k] for k in order], new_vectors[order]
+
+    change = incremental.changes(previous, np.arange(len(items)), ids, new_ids, new_vectors)
+    assert (len(change.stale), len(change.rows), change.new) == (700, 700, 300)
+    label = dict(zip(new_ids, change.labels.tolist()))
+    assert all(label[ids[k]] == k for k in stay) and sorted(label[f"new{k}"] for k in range(300)) == \
+        list(range(len(items), len(items) + 300))
+    same_cells = faiss.clone_index(previous)
+    same_cells.reset()
+    same_cells.add_with_ids(new_vectors, change.labels)
+    change.apply(previous, new_vectors)
+    assert previous.ntotal == len(new_ids)
+    queries = rng.normal(size=(200, d)).astype(np.float32)
+    updated, filled = previous.search(queries, 10), same_cells.search(queries, 10)
+    assert np.array_equal(updated[1], filled[1]) and np.array_equal(updated[0], filled[0])
+
+    # A gone item's own vector, searched in every cell, finds it no more; each label holds its item's new vector.
+    previous.nprobe = 64
+    assert not set(previous.search(items[gone], 10)[1].ravel()) & set(gone.tolist())
+    previous.set_direct_map_type(faiss.DirectMap.Hashtable)
+    assert np.array_equal(previous.reconstruct_batch(change.labels), new_vectors)
+
+
+@pytest.fixture(scope="module")
+def day2(published):
+    """The next day's catalog, adapted incrementally from `today`: 3 items gone, 3 with new text, 2 new."""
+    trained = storage.read_table(embeddings_uri(published, "v1"), "embeddings")
+    ids, hashes = trained.column("item_id").to_pylist(), trained.column("text_hash").to_pylist()
+    vectors = vectors_of(trained)
+    rng = np.random.default_rng(3)
+    gone, edited = set(ids[:3]), set(ids[3:6])
+    kept = [k for k, item in enumerate(ids) if item not in gone]
+    publish_embeddings(published, "day2", [ids[k] for k in kept] + ["new-a", "new-b"],
+                       [hashes[k] + ("-edited" if ids[k] in edited else "") for k in kept] + ["h-a", "h-b"],
+                       np.vstack([[rng.normal(size=DIM) if ids[k] in edited else vectors[k] for k in kept],
+                                  rng.normal(size=(2, DIM))]))
+    adapt(config(published, "adapt.version=day2", "adapt.embeddings=day2", "adapt.incremental_from=today"))
+    return sorted(gone), sorted(edited)
+
+
+def labels_of(uri):
+    table = storage.read_table(uri, "item_ids")
+    return dict(zip(table.column("item_id").to_pylist(), table.column("label").to_pylist()))
+
+
+IVF = ["index.kind=ivf", "index.nlist=4", "index.nprobe=4", "index.recall_users=50"]  # every cell searched: exact
+
+
+def test_an_ivf_index_updated_for_a_carried_over_version_serves_the_new_versions_items(published, day2, tmp_path):
+    """As the daily refresh does it: one served version, updated from itself for the next adapted version."""
+    gone, edited = day2
+    live = ["index.version=live", "index.incremental_from=live", "index.replace=true", *IVF]
+    first = storage.read_manifest(index(config(published, *live)))
+    assert first["build"] == {"mode": "full", "from": {"uri": index_uri(published, "live"), "data_dir": None},
+                              "reason": "nothing is published there"}
+    assert first["quantizer"] == {"trained_over": 60, "changed_since": 0}
+    first_labels = labels_of(index_uri(published, "live"))
+
+    uri = index(config(published, *live, "index.adapted=day2"))
+    manifest = storage.read_manifest(uri)
+    assert manifest["build"] == {"mode": "incremental", "removed": 6, "added": 5,
+                                 "from": {"uri": uri, "data_dir": first["data_dir"]}}
+    assert manifest["quantizer"] == {"trained_over": 60, "changed_since": 8} and manifest["items"] == 59
+    assert manifest["inputs"]["adapted"]["uri"] == adapted_uri(published, "day2") and manifest["recall_at_10"] == 1
+    # An item keeps its label; the new ones take the next.
+    now = labels_of(uri)
+    assert sorted([now.pop("new-a"), now.pop("new-b")]) == [60, 61]
+    assert now == {item: label for item, label in first_labels.items() if item not in gone}
+
+    served = serving.load(uri).recommender  # what the endpoint answers with
+    full = Recommender.from_publication(rat_result_uri(published), items=adapted_uri(published, "day2"))
+    assert served.item_ids == full.item_ids and not set(gone) & set(served.item_ids)
+    answered = set()
+    for history in histories(published, full):
+        mine, theirs = served.top_k(history, 10), full.top_k(history, 10)
+        assert [i for i, _ in mine] == [i for i, _ in theirs]
+        assert np.allclose([s for _, s in mine], [s for _, s in theirs], rtol=0, atol=1e-5)
+        answered |= {i for i, _ in served.top_k(history, 59, exclude_history=False)}
+    assert answered == set(full.item_ids) and {"new-a", "new-b", *edited} <= answered
+
+    # Labels that repeat are refused, naming the table and column, before anything is served.
+    broken = tmp_path / "broken"
+    shutil.copytree(uri, broken)
+    ids_file = storage.table_files(str(broken), "item_ids")[0]
+    table = storage.read_parquet_files([ids_file])
+    os.remove(ids_file)  # a new file: the copy's may share its data with the original's
+    pq.write_table(table.set_column(1, "label", pa.array(np.zeros(table.num_rows, np.int64))), ids_file)
+    with pytest.raises(storage.DataError, match="table 'item_ids' column 'label' holds a negative or repeated label"):
+        Recommender.from_publication(rat_result_uri(published), index=str(broken))
+
+
+def test_another_kind_other_cells_or_too_much_change_build_the_index_in_full(published, day2):
+    before = storage.read_manifest(index(config(published, "index.version=before", *IVF)))
+    source = {"uri": index_uri(published, "before"), "data_dir": before["data_dir"]}
+    for version, overrides, reason in (
+            ("hnsw-next", ["index.kind=hnsw", "index.m=8"], "index.kind hnsw: only an IVF index removes and adds "
+             "vectors in place"),
+            ("cells-next", ["index.nlist=3", "index.nprobe=3"], "its cells are those of {'kind': 'ivf', 'nlist': 4, "
+             "'seed': 0}, not of {'kind': 'ivf', 'nlist': 3, 'seed': 0}"),
+            ("strict-next", ["index.incremental_max_change=0.1"], "8 items removed, added or changed since its cells "
+             "were trained over 60, more than index.incremental_max_change 0.1 of them")):
+        cfg = config(published, *IVF, f"index.version={version}", "index.adapted=day2", "index.incremental_from=before",
+                     *overrides)
+        manifest = storage.read_manifest(index(cfg))
+        assert manifest["build"] == {"mode": "full", "from": source, "reason": reason}
+        if overrides[0].startswith("index.kind=hnsw"):
+            assert manifest["quantizer"] is None
+        else:
+            assert manifest["quantizer"] == {"trained_over": 59, "changed_since": 0}
+        assert Recommender.from_publication(rat_result_uri(cfg), index=index_uri(cfg)).item_ids == \
+            storage.read_table(adapted_uri(cfg, "day2"), "item_embeddings").column("item_id").to_pylist()
 
 
 def test_bad_index_config_is_refused_by_key_name(published, capsys):

@@ -138,9 +138,11 @@ def test_cronjob_rayjob_template_renders_to_a_valid_rayjob_that_imports_embeds_a
     assert prepared.dataset.source == VALUES["refresh"]["source"]
     assert (embedded.embed.version, embedded.embed.incremental_from) == ("20260101-0300", "v1")
     assert (adapted.adapt.embeddings, adapted.adapt.version, adapted.adapt.incremental_from) == ("20260101-0300",) * 2 + ("",)
-    # The day's adapted version, indexed over the one version the RayService serves, which it replaces.
+    # The day's adapted version, indexed over the one version the RayService serves, which it replaces
+    # (updating it in place where it is an IVF index).
     assert layout.index_input_adapted_uri(indexed) == layout.adapted_uri(adapted)
-    assert indexed.index.version == VALUES["serve"]["index_version"] and indexed.index.replace
+    assert indexed.index.version == indexed.index.incremental_from == VALUES["serve"]["index_version"]
+    assert indexed.index.replace
 
 
 @pytest.mark.parametrize("doc", [d for d in DOCS if d["kind"] not in KUBERAY_SCHEMAS],

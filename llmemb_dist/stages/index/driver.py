@@ -5,7 +5,8 @@ exactly as the recommender scores it (the text channel's columns included), for 
 The index is checked before it is published: recall@10 against exact search for a seeded sample of
 validation users, recorded in the manifest with the build time. A rerun with the same inputs and
 parameters does nothing; with `index.replace` other inputs or parameters are published over the same
-version, which a serving app (launch/serve.py) watches and reloads.
+version, which a serving app (launch/serve.py) watches and reloads. With `index.incremental_from` an IVF
+index of a previous version is updated rather than built (incremental.py).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 from llmemb_dist import layout, storage, tracking
 from llmemb_dist.config import Config, config_hash, to_dict
 from llmemb_dist.data import index_files
-from llmemb_dist.stages.index import kinds, users
+from llmemb_dist.stages.index import incremental, kinds, users
 
 log = logging.getLogger(__name__)
 ITEMS = "item_embeddings"  # the adapted version's table
@@ -43,22 +44,24 @@ def index(cfg: Config) -> str:
     vectors = recommender.item_vectors[1:].numpy()
     log.info("indexing %d items of %s (%d dimensions) as %s", items, adapted_uri, vectors.shape[1], params)
     started = time.perf_counter()
-    built = kinds.build(vectors, params, cfg.index.num_threads)
+    made = incremental.make(cfg, params, recommender.item_ids, vectors)
     build_s = time.perf_counter() - started
     histories = users.validation_histories(rat_uri, rat, set(recommender.item_ids), cfg.index.recall_users,
                                            cfg.index.seed)
     queries = users.user_vectors(recommender, histories)
-    _, found = built.search(queries, K)
+    _, found = made.index.search(queries, K)
+    found = index_files.rows_of(found, index_files.label_rows(made.labels))
     recall = kinds.recall(found, kinds.exact_top(queries, vectors, K))
     figures = {"items": items, "dim": int(vectors.shape[1]), "build_seconds": build_s, "recall_at_10": recall,
                "recall_users": len(histories)}
-    log.info("built in %.1f s; recall@10 against exact search %.4f over %d validation users",
-             build_s, recall, len(histories))
+    log.info("%s in %.1f s; recall@10 against exact search %.4f over %d validation users",
+             "updated" if made.build["mode"] == "incremental" else "built", build_s, recall, len(histories))
     with tracking.stage_run(cfg, "index", cfg.index.version) as run, storage.publish(
             out_uri, kind="index", config=to_dict(cfg), config_hash=config_hash(cfg.index), inputs=inputs,
             overwrite=cfg.index.replace) as pub:
-        index_files.write(pub, built, recommender.item_ids)
-        pub.info.update(index=params, text_weight=recommender.model.text_weight, **figures)
+        index_files.write(pub, made.index, made.labels, recommender.item_ids)
+        pub.info.update(index=params, text_weight=recommender.model.text_weight, build=made.build,
+                        quantizer=made.quantizer, **figures)
         run.log_final(figures)
         run.publish(pub)
     log.info("published %s", out_uri)

@@ -1,5 +1,6 @@
-"""The index kinds and how each is built: exact inner product, HNSW, IVF; faiss imported only here and in
-the index files' reader (data/index_files.py), so the rest of the package runs without it."""
+"""The index kinds and how each is built: exact inner product, HNSW, IVF; faiss imported only inside the
+index stage's functions and the index files' reader (data/index_files.py), so the rest of the package runs
+without it."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,6 +13,8 @@ from llmemb_dist.config import IndexConfig
 # IVF's k-means trains on this many vectors per cell at most: faiss warns below 39 per cell, and more
 # than a few hundred per cell moves the centroids little while the training time grows with it.
 TRAIN_PER_CELL = 64
+# What an IVF index's trained cells depend on: an update (incremental.py) keeps them only when these match.
+TRAINED = ("kind", "nlist", "seed")
 
 
 def resolve(cfg: IndexConfig, items: int, source: str) -> dict[str, Any]:
@@ -31,8 +34,7 @@ def build(vectors: np.ndarray, params: dict[str, Any], num_threads: int = 0):
     """A faiss index over the rows of `vectors` (row i is label i), searched by inner product."""
     import faiss
 
-    if num_threads:
-        faiss.omp_set_num_threads(num_threads)
+    use_threads(num_threads)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     d = vectors.shape[1]
     if params["kind"] == "exact":
@@ -50,6 +52,14 @@ def build(vectors: np.ndarray, params: dict[str, Any], num_threads: int = 0):
         index.nprobe = params["nprobe"]
     index.add(vectors)
     return index
+
+
+def use_threads(num_threads: int) -> None:
+    """FAISS's threads from here on: `num_threads`; 0 leaves them as they are (all cores unless set)."""
+    import faiss
+
+    if num_threads:
+        faiss.omp_set_num_threads(num_threads)
 
 
 def exact_top(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
