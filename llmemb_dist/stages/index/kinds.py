@@ -19,7 +19,7 @@ TRAINED = ("kind", "nlist", "seed")
 
 def resolve(cfg: IndexConfig, items: int, source: str) -> dict[str, Any]:
     """The kind `cfg` asks for over `items` vectors and the parameters that kind uses: what identifies an index."""
-    kind = cfg.kind if cfg.kind != "auto" else ("exact" if items < cfg.exact_below else "hnsw")
+    kind = cfg.kind if cfg.kind != "auto" else ("exact" if items < cfg.exact_below else "ivf")
     if kind == "hnsw":
         return {"kind": kind, "m": cfg.m, "ef_construction": cfg.ef_construction, "ef_search": cfg.ef_search}
     if kind == "ivf":
