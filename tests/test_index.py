@@ -339,7 +339,7 @@ def post(url, body):
 def test_ray_serve_answers_over_http_and_reloads_a_republished_index_without_dropping_requests(published):
     from ray import serve
 
-    cfg = config(published, "index.version=live", "index.kind=exact", f"index.serve_port={free_port()}",
+    cfg = config(published, "index.version=served", "index.kind=exact", f"index.serve_port={free_port()}",
                  "index.serve_watch_s=0.5")
     first = storage.read_manifest(index(cfg))["data_dir"]
     rec = Recommender.from_publication(rat_result_uri(cfg), index=index_uri(cfg))
@@ -361,7 +361,7 @@ def test_ray_serve_answers_over_http_and_reloads_a_republished_index_without_dro
 
         client = threading.Thread(target=ask)
         client.start()
-        second = storage.read_manifest(index(config(published, "index.version=live", "index.kind=hnsw",
+        second = storage.read_manifest(index(config(published, "index.version=served", "index.kind=hnsw",
                                                     "index.replace=true")))["data_dir"]
         deadline = time.time() + 120
         while time.time() < deadline and not any(a[1].get("index") == second for a in answers[-3:]):
