@@ -32,7 +32,10 @@ def ray_head():
     # must set RAY_AUTH_MODE=token to send it.
     # The entrypoint's `python` is looked up on the head's PATH: put this environment's first, as
     # activating the virtual environment before `ray start` would.
-    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    # On SIGTERM a head first drains for up to RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s), for Serve's
+    # proxies, which this head does not run: 0 tears it down at once.
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     log = open(Path(temp_dir) / "head.log", "w")
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
