@@ -39,7 +39,7 @@ def test_no_cold_item_reaches_any_training_or_validation_input():
     seen = []
     inputs, targets = split.warm.split("valid")
     for u in range(split.warm.num_users):
-        seen += [warm_ids[k - 1] for k in split.warm.train(u)] + [warm_ids[k - 1] for k in inputs[u]]
+        seen += [warm_ids[k - 1] for k in split.warm.events.trim(drop_last=2)[u]] + [warm_ids[k - 1] for k in inputs[u]]
         seen.append(warm_ids[targets[u] - 1])
     seen += [warm_ids[k - 1] for s in train_inputs(split.warm, 50) for k in s]
     assert seen and cold_ids.isdisjoint(seen)

@@ -26,11 +26,14 @@ MIN_EVENTS = 3  # one training item, one validation item, one test item
 BUCKET_BATCHES = 50  # batches per length-sorted chunk: short padding, yet random batch composition
 
 
+def _within(lengths: np.ndarray) -> np.ndarray:
+    """0 .. lengths[r] - 1 for every row r, end to end: each value's position in its row."""
+    return np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
 def _segments(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """The positions starts[r] .. starts[r] + lengths[r] - 1 of every row r, end to end."""
-    total = int(lengths.sum())
-    row_starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.repeat(starts, lengths) + (np.arange(total) - row_starts)
+    return np.repeat(starts, lengths) + _within(lengths)
 
 
 @dataclass
@@ -41,10 +44,14 @@ class Ragged:
     offsets: np.ndarray  # int64, one more than there are rows
 
     @classmethod
-    def from_rows(cls, rows: Sequence[np.ndarray]) -> Ragged:
-        lengths = np.array([len(r) for r in rows], dtype=np.int64)
-        values = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]) if len(rows) else np.zeros(0, np.int64)
+    def from_lengths(cls, values: np.ndarray, lengths: np.ndarray) -> Ragged:
+        """`values` cut into consecutive rows of `lengths`."""
         return cls(values, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[np.ndarray]) -> Ragged:
+        values = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]) if len(rows) else np.zeros(0, np.int64)
+        return cls.from_lengths(values, np.array([len(r) for r in rows], dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -62,15 +69,14 @@ class Ragged:
     def take(self, rows: np.ndarray | Sequence[int]) -> Ragged:
         rows = np.asarray(rows, dtype=np.int64)
         lengths = self.lengths[rows]
-        return Ragged(self.values[_segments(self.offsets[rows], lengths)],
-                      np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        return Ragged.from_lengths(self.values[_segments(self.offsets[rows], lengths)], lengths)
 
     def trim(self, drop_last: int = 0, keep_last: int = 0) -> Ragged:
         """Every row without its last `drop_last` values, then (with keep_last > 0) only its last `keep_last`."""
         ends = np.maximum(self.offsets[1:] - drop_last, self.offsets[:-1])
         starts = np.maximum(self.offsets[:-1], ends - keep_last) if keep_last else self.offsets[:-1]
         lengths = ends - starts
-        return Ragged(self.values[_segments(starts, lengths)], np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        return Ragged.from_lengths(self.values[_segments(starts, lengths)], lengths)
 
     def row_index(self) -> np.ndarray:
         """The row of every value."""
@@ -100,9 +106,6 @@ class Sequences:
     @property
     def num_users(self) -> int:
         return len(self.events)
-
-    def train(self, u: int) -> np.ndarray:
-        return self.events[u][:-2]
 
     def split(self, name: str) -> tuple[Ragged, np.ndarray]:
         """Inputs and targets of 'valid' (second last item) or 'test' (last item), for every user."""
@@ -135,7 +138,7 @@ def build_sequences(interactions: pa.Table, item_ids: list[str], source: str = "
         log.warning("%s: dropped %d users with fewer than %d events", source, dropped, MIN_EVENTS)
     if not kept.any():
         raise DataError(f"{source}: no user has {MIN_EVENTS} or more events, so there is nothing to validate on")
-    events = Ragged(items[np.repeat(kept, lengths)], np.concatenate([[0], np.cumsum(lengths[kept])]).astype(np.int64))
+    events = Ragged.from_lengths(items[np.repeat(kept, lengths)], lengths[kept])
     user_ids = pc.cast(users.take(pa.array(starts[kept])), pa.string())
     return Sequences(events, len(item_ids), list(item_ids), user_ids, dropped)
 
@@ -146,8 +149,7 @@ def pad_left(seqs: Ragged | Sequence[np.ndarray], max_len: int) -> np.ndarray:
     lengths = rows.lengths
     width = max(1, int(lengths.max()) if len(lengths) else 1)
     out = np.zeros((len(rows), width), dtype=np.int64)
-    within = np.arange(len(rows.values)) - np.repeat(rows.offsets[:-1], lengths)
-    out[rows.row_index(), width - np.repeat(lengths, lengths) + within] = rows.values
+    out[rows.row_index(), width - np.repeat(lengths, lengths) + _within(lengths)] = rows.values
     return out
 
 

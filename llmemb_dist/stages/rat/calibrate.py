@@ -85,7 +85,7 @@ def validation_scores(model: SeqRecommender, table: torch.Tensor, data: Sequence
     cols = column[torch.from_numpy(inputs.values)].numpy()
     mine = cols >= 0
     per_user = np.bincount(inputs.row_index()[mine], minlength=len(inputs))
-    seen = Ragged(cols[mine], np.concatenate([[0], np.cumsum(per_user)]).astype(np.int64))
+    seen = Ragged.from_lengths(cols[mine], per_user)
     return ValidationScores(torch.cat(best), torch.cat(trained), torch.cat(users_all), text_side, text, seen, k)
 
 
